@@ -1,0 +1,1 @@
+"""asr-distill: prune Whisper decoders and recover them."""

@@ -1,0 +1,1 @@
+"""Model registry, CTranslate2 import, pruning and export."""
