@@ -1,2 +1,107 @@
-def main() -> None:
-    pass
+"""The `asr` command: parses arguments, calls library functions, prints results. No logic lives here."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from asr.errors import AsrError
+
+
+def _models_list(args: argparse.Namespace) -> None:
+    from asr.models.registry import IMPORT_STAMP, REGISTRY, cache_dir
+
+    for name, entry in REGISTRY.items():
+        cached = (cache_dir() / "models" / name / IMPORT_STAMP).is_file()
+        packages = " + ".join(f"{d}=={v}" for d, v in entry.packages)
+        print(f"{name:18} {entry.description}\n{'':18} from {packages}{'  [imported]' if cached else ''}")
+
+
+def _models_import(args: argparse.Namespace) -> None:
+    from asr.models.registry import REGISTRY, import_ct2_dir, import_registry_model
+
+    out = Path(args.out)
+    if args.source in REGISTRY:
+        path = import_registry_model(args.source, out)
+    elif Path(args.source).is_dir():
+        path = import_ct2_dir(Path(args.source), out)
+    else:
+        raise AsrError(f"{args.source}: neither a registry name ({', '.join(REGISTRY)}) nor a CTranslate2 directory")
+    print(f"imported {args.source} -> {path}")
+
+
+def _data_synth(args: argparse.Namespace) -> None:
+    from asr.data.synth import build_corpus
+
+    summary = build_corpus(Path(args.out), split=args.split, num=args.num, seed=args.seed, workers=args.workers,
+                           languages=tuple(args.languages.split(",")))
+    print(summary)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from asr.bench.run import run_bench
+
+    run_bench(args.model, args.data, Path(args.out), limit=args.limit, batch_size=args.batch_size,
+              max_new_tokens=args.max_new_tokens)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    """Until recipes land: build the synthetic test split and benchmark the registry teachers on it."""
+    from asr.bench.run import run_bench
+    from asr.data.synth import build_corpus
+
+    out = Path(args.out)
+    build_corpus(out / "data" / "test", split="test", num=args.num, seed=1, workers=args.workers)
+    run_bench(["whisper-base", "whisper-tiny.en"], [str(out / "data" / "test")], out / "bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="asr", description="Prune Whisper decoders and recover them.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="teacher models shipped offline").add_subparsers(dest="action", required=True)
+    models.add_parser("list", help="registry names and where their weights come from").set_defaults(func=_models_list)
+    imp = models.add_parser("import", help="convert CTranslate2 weights to a Hugging Face directory")
+    imp.add_argument("source", help="registry name or CTranslate2 directory")
+    imp.add_argument("--out", required=True)
+    imp.set_defaults(func=_models_import)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
+    synth = data.add_parser("synth", help="synthesize a speech corpus with offline TTS voices")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--split", choices=["train", "test"], required=True)
+    synth.add_argument("--num", type=int, required=True)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    synth.add_argument("--languages", default="en", help="comma-separated, e.g. en,de,es,fr,it")
+    synth.set_defaults(func=_data_synth)
+
+    bench = sub.add_parser("bench", help="WER/CER of models on datasets")
+    bench.add_argument("--model", action="append", required=True, help="registry name, HF dir or hub id")
+    bench.add_argument("--data", action="append", required=True, help="audiofolder dir or hub dataset")
+    bench.add_argument("--out", required=True)
+    bench.add_argument("--limit", type=int)
+    bench.add_argument("--batch-size", type=int, default=8)
+    bench.add_argument("--max-new-tokens", type=int, default=128)
+    bench.set_defaults(func=_bench)
+
+    demo = sub.add_parser("demo", help="the embedded default job")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--num", type=int, default=100)
+    demo.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except AsrError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,1 @@
+"""Word/character error rates, latency, streaming simulation, reports and plots."""

@@ -1,0 +1,1 @@
+"""Datasets, features/labels, collation and the synthetic speech corpus."""

@@ -1,0 +1,150 @@
+"""Load any audiofolder or hub dataset as clean 16 kHz mono samples; bad samples are skipped and counted.
+
+Audio is decoded here (torchcodec, resampled and downmixed by FFmpeg), not by `datasets`, so that one corrupt
+or missing file costs one counted sample instead of a traceback from inside the dataset iterator.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from asr.errors import AsrError
+
+SAMPLE_RATE = 16000
+MAX_SECONDS = 30.0
+TEXT_COLUMNS = ("transcription", "text", "sentence", "normalized_text", "transcript")
+LANGUAGE_COLUMNS = ("language", "lang", "locale")
+
+
+@dataclass
+class Sample:
+    """One decoded clip: 16 kHz mono float32 audio, its transcript and language."""
+
+    id: str
+    audio: np.ndarray
+    text: str
+    language: str
+
+
+@dataclass
+class SkipStats:
+    """Samples dropped, by reason, with the first few files named for each reason."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, reason: str, source: str) -> None:
+        self.counts[reason] += 1
+        names = self.examples.setdefault(reason, [])
+        if len(names) < 3:
+            names.append(source)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "no samples skipped"
+        return "skipped " + ", ".join(f"{n} {reason} (e.g. {', '.join(self.examples[reason])})"
+                                      for reason, n in self.counts.most_common())
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A dataset reference: local audiofolder directory, or hub `name[:config][@split]`."""
+
+    name: str
+    config: str | None = None
+    split: str = "train"
+
+    @classmethod
+    def parse(cls, ref: str, split: str | None = None) -> "DatasetRef":
+        name, _, sp = ref.partition("@")
+        name, _, config = name.partition(":") if not Path(name).exists() else (name, "", "")
+        return cls(name=name, config=config or None, split=split or sp or ("train" if Path(name).exists() else "test"))
+
+    @property
+    def label(self) -> str:
+        return Path(self.name).name if Path(self.name).exists() else self.name
+
+
+def open_dataset(ref: DatasetRef, streaming: bool = False):
+    """A `datasets` dataset with undecoded audio (paths/bytes), from a local audiofolder or the hub."""
+    import datasets
+
+    path = Path(ref.name).expanduser()
+    if path.exists():
+        if not (path / "metadata.csv").is_file() and not (path / "metadata.jsonl").is_file():
+            raise AsrError(f"{path}: not an audiofolder (no metadata.csv); build one with `asr data synth` "
+                           "or add metadata.csv with file_name,transcription")
+        ds = datasets.load_dataset("audiofolder", data_dir=str(path), split="train", streaming=streaming)
+    else:
+        if os.environ.get("HF_DATASETS_OFFLINE", "0") == "1" or os.environ.get("HF_HUB_OFFLINE", "0") == "1":
+            raise AsrError(f"{ref.name}: not a local directory, and the hub is offline (HF_HUB_OFFLINE/"
+                           "HF_DATASETS_OFFLINE); pass an audiofolder directory")
+        ds = datasets.load_dataset(ref.name, ref.config, split=ref.split, streaming=streaming)
+    audio_columns = [k for k, v in ds.features.items() if isinstance(v, datasets.Audio)]
+    if not audio_columns:
+        raise AsrError(f"{ref.name}: dataset has no audio column")
+    column = audio_columns[0]
+    ds = ds.cast_column(column, datasets.Audio(decode=False))
+    return ds if column == "audio" else ds.rename_column(column, "audio")
+
+
+def decode_audio(source: str | bytes) -> np.ndarray:
+    """Decode any FFmpeg-readable audio to 16 kHz mono float32 (resampling and downmixing included)."""
+    from torchcodec.decoders import AudioDecoder
+
+    samples = AudioDecoder(source, sample_rate=SAMPLE_RATE, num_channels=1).get_all_samples()
+    return samples.data[0].numpy().astype(np.float32, copy=False)
+
+
+def _text(row: dict) -> str | bytes | None:
+    for column in TEXT_COLUMNS:
+        if column in row:
+            return row[column]
+    return None
+
+
+def iter_samples(ds, stats: SkipStats, default_language: str = "en", limit: int | None = None) -> Iterator[Sample]:
+    """Yield decodable, non-empty, ≤30 s samples with text; everything else is counted in `stats`."""
+    yielded = 0
+    for index, row in enumerate(ds):
+        if limit is not None and yielded >= limit:
+            return
+        audio = row["audio"] or {}
+        source = audio.get("path") or f"row {index}"
+        text = _text(row)
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError:
+                stats.skip("non-UTF-8 transcript", source)
+                continue
+        if text is None or not str(text).strip():
+            stats.skip("empty transcript", source)
+            continue
+        data = audio.get("bytes") or audio.get("path")
+        if isinstance(data, str) and not Path(data).is_file():
+            stats.skip("missing audio file", source)
+            continue
+        try:
+            wave = decode_audio(data)
+        except Exception:  # FFmpeg reports every undecodable input as a RuntimeError with C++ context
+            stats.skip("undecodable audio", source)
+            continue
+        if wave.size == 0 or not np.isfinite(wave).all() or float(np.abs(wave).max()) == 0.0:
+            stats.skip("empty or silent audio", source)
+            continue
+        if wave.size > MAX_SECONDS * SAMPLE_RATE:
+            stats.skip("audio over 30 s", source)
+            continue
+        language = next((str(row[c]) for c in LANGUAGE_COLUMNS if row.get(c)), default_language)
+        yielded += 1
+        yield Sample(id=Path(source).name, audio=wave, text=str(text).strip(), language=language)

@@ -1,0 +1,41 @@
+"""Load a Whisper model and its processor from any model reference (registry name, directory, hub id)."""
+from __future__ import annotations
+
+import torch
+
+from asr.errors import AsrError
+from asr.models.registry import resolve_model
+
+
+def load_processor(ref: str):
+    """Tokenizer + feature extractor of a model (WhisperProcessor)."""
+    from transformers import WhisperProcessor
+
+    return WhisperProcessor.from_pretrained(resolve_model(ref))
+
+
+def load_whisper(ref: str, dtype: torch.dtype = torch.float32):
+    """A WhisperForConditionalGeneration in eval mode, on CPU (callers move it to their device)."""
+    from transformers import WhisperForConditionalGeneration
+
+    path = resolve_model(ref)
+    try:
+        model = WhisperForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise AsrError(f"{ref}: cannot load a Whisper model from {path} ({str(exc).splitlines()[0]}); "
+                       "check the directory is complete (config.json, model.safetensors)") from None
+    return model.eval()
+
+
+def prompt_ids(tokenizer, generation_config, language: str = "en") -> list[int]:
+    """Decoder prefix for transcription without timestamps: the same tokens `generate` forces."""
+    sot = generation_config.decoder_start_token_id
+    no_ts = generation_config.no_timestamps_token_id
+    if not getattr(generation_config, "is_multilingual", False):
+        if language != "en":
+            raise AsrError(f"language '{language}' given to an English-only model; use a multilingual teacher")
+        return [sot, no_ts]
+    lang_token = f"<|{language}|>"
+    if lang_token not in generation_config.lang_to_id:
+        raise AsrError(f"language '{language}' is not one of the model's languages")
+    return [sot, generation_config.lang_to_id[lang_token], generation_config.task_to_id["transcribe"], no_ts]
