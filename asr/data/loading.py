@@ -101,7 +101,13 @@ def decode_audio(source: str | bytes) -> np.ndarray:
     """Decode any FFmpeg-readable audio to 16 kHz mono float32 (resampling and downmixing included)."""
     from torchcodec.decoders import AudioDecoder
 
-    samples = AudioDecoder(source, sample_rate=SAMPLE_RATE, num_channels=1).get_all_samples()
+    decoder = AudioDecoder(source, sample_rate=SAMPLE_RATE, num_channels=1)
+    try:
+        samples = decoder.get_all_samples()
+    except RuntimeError as exc:
+        if "No audio frames were decoded" in str(exc):  # a valid container holding zero samples
+            return np.zeros(0, dtype=np.float32)
+        raise
     return samples.data[0].numpy().astype(np.float32, copy=False)
 
 

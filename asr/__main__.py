@@ -1,0 +1,4 @@
+"""`python -m asr` is the `asr` command."""
+from asr.cli import main
+
+main()

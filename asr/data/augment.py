@@ -1,0 +1,117 @@
+"""Acoustic augmentation for synthetic train clips (noise, speed, pitch, telephone, reverb), torchaudio only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torchaudio.functional as AF
+
+NOISE_COLORS = {"white": 0.0, "pink": 1.0, "brown": 2.0}  # power spectrum ~ 1 / f**exponent
+
+
+def colored_noise(num_samples: int, color: str, rng: np.random.Generator) -> np.ndarray:
+    """White, pink or brown Gaussian noise with unit variance, shaped in the frequency domain."""
+    spectrum = np.fft.rfft(rng.standard_normal(num_samples))
+    freqs = np.fft.rfftfreq(num_samples)
+    freqs[0] = freqs[1] if num_samples > 1 else 1.0
+    spectrum *= freqs ** (-NOISE_COLORS[color] / 2)
+    noise = np.fft.irfft(spectrum, n=num_samples)
+    noise -= noise.mean()
+    return (noise / (noise.std() + 1e-12)).astype(np.float32)
+
+
+def add_noise(audio: np.ndarray, snr_db: float, color: str, rng: np.random.Generator) -> np.ndarray:
+    """Mix in colored noise so the whole clip has the requested signal-to-noise ratio."""
+    noise = torch.from_numpy(colored_noise(len(audio), color, rng))[None]
+    mixed = AF.add_noise(torch.from_numpy(audio)[None], noise, torch.tensor([float(snr_db)]))
+    return mixed[0].numpy()
+
+
+def change_speed(audio: np.ndarray, sample_rate: int, factor: float) -> np.ndarray:
+    """Play faster (factor > 1) or slower, tempo and pitch together (like sox `speed`)."""
+    factor = round(factor, 2)  # AF.speed resamples by factor*rate/rate: keep the ratio's gcd large
+    out, _ = AF.speed(torch.from_numpy(audio)[None], sample_rate, factor)
+    return out[0].numpy()
+
+
+def shift_pitch(audio: np.ndarray, sample_rate: int, semitones: float) -> np.ndarray:
+    """Shift pitch keeping duration: phase-vocoder stretch, then resample on a 100 Hz grid.
+
+    AF.pitch_shift resamples between rates whose gcd is often 1, which builds a kernel of ~1 GB at 16 kHz.
+    """
+    stretched_rate = int(round(sample_rate * 2 ** (semitones / 12) / 100) * 100)
+    ratio = stretched_rate / sample_rate  # >1 for an upward shift: stretch longer, then play back faster
+    n_fft, hop = 512, 128
+    window = torch.hann_window(n_fft)
+    spec = torch.stft(torch.from_numpy(audio), n_fft, hop, window=window, return_complex=True)
+    phase_advance = torch.linspace(0, np.pi * hop, spec.shape[-2])[..., None]
+    stretched = AF.phase_vocoder(spec, 1.0 / ratio, phase_advance)
+    wave = torch.istft(stretched, n_fft, hop, window=window, length=int(round(len(audio) * ratio)))
+    out = AF.resample(wave, stretched_rate, sample_rate)
+    return out[: len(audio)].numpy()
+
+
+def telephone(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Narrow-band telephone channel: 300-3400 Hz band-pass, 8 kHz mu-law round trip."""
+    wave = torch.from_numpy(audio)
+    for _ in range(2):  # two biquads per edge for a steeper skirt
+        wave = AF.highpass_biquad(wave, sample_rate, 300.0)
+        wave = AF.lowpass_biquad(wave, sample_rate, 3400.0)
+    narrow = AF.resample(wave, sample_rate, 8000).clamp(-1, 1)
+    narrow = AF.mu_law_decoding(AF.mu_law_encoding(narrow, 256), 256)
+    return AF.resample(narrow, 8000, sample_rate)[: len(audio)].numpy()
+
+
+def reverb(audio: np.ndarray, sample_rate: int, rt60_s: float, wet: float, rng: np.random.Generator) -> np.ndarray:
+    """Room reverberation: convolve with a synthetic impulse response (noise decaying 60 dB in rt60_s)."""
+    n = max(2, int(rt60_s * sample_rate))
+    t = np.arange(n) / sample_rate
+    tail = rng.standard_normal(n) * np.exp(-6.9078 * t / rt60_s)  # ln(1000): amplitude -60 dB at rt60
+    tail[0] = 0.0
+    tail *= np.sqrt(wet / (1.0 - wet + 1e-9) / (np.sum(tail**2) + 1e-12))  # wet/dry energy ratio
+    impulse = tail.astype(np.float32)
+    impulse[0] = 1.0  # direct path
+    tail_keep = int(0.25 * sample_rate)
+    out = AF.fftconvolve(torch.from_numpy(audio), torch.from_numpy(impulse))
+    return out[: len(audio) + tail_keep].numpy()
+
+
+def random_augment(audio: np.ndarray, sample_rate: int, rng: np.random.Generator,
+                   policy: dict[str, Any]) -> tuple[np.ndarray, str]:
+    """Apply a random chain of effects drawn from `policy` (the yaml `augment` block); returns the audio
+    and a description such as `speed=0.94 reverb=0.41s noise=pink@12.3dB`."""
+    done: list[str] = []
+
+    def chosen(name: str) -> dict[str, Any] | None:
+        cfg = policy.get(name)
+        return cfg if cfg and rng.random() < cfg.get("p", 0.0) else None
+
+    if cfg := chosen("speed"):
+        factor = round(float(rng.uniform(*cfg["factor"])), 2)
+        audio = change_speed(audio, sample_rate, factor)
+        done.append(f"speed={factor:.2f}")
+    if cfg := chosen("pitch"):
+        semitones = float(rng.uniform(*cfg["semitones"]))
+        audio = shift_pitch(audio, sample_rate, semitones)
+        done.append(f"pitch={semitones:+.2f}st")
+    if cfg := chosen("reverb"):
+        rt60, wet = float(rng.uniform(*cfg["rt60_s"])), float(rng.uniform(*cfg["wet"]))
+        audio = reverb(audio, sample_rate, rt60, wet, rng)
+        done.append(f"reverb={rt60:.2f}s/{wet:.2f}")
+    noise_cfg = chosen("noise")
+    if noise_cfg is None and not done and "telephone" not in policy:
+        noise_cfg = policy.get("noise")  # an augmented clip gets at least one effect
+    if noise_cfg:
+        color = str(rng.choice(noise_cfg["colors"]))
+        snr = float(rng.uniform(*noise_cfg["snr_db"]))
+        audio = add_noise(audio, snr, color, rng)
+        done.append(f"noise={color}@{snr:.1f}dB")
+    if chosen("telephone") or (not done and "telephone" in policy):
+        audio = telephone(audio, sample_rate)
+        done.append("telephone")
+    peak = float(np.max(np.abs(audio))) if audio.size else 0.0
+    if peak > 0.99:
+        audio = audio * (0.95 / peak)
+    return audio.astype(np.float32), " ".join(done)

