@@ -40,10 +40,34 @@ def _data_synth(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from asr.bench.run import run_bench
+    from asr.bench.run import BenchOptions, run_bench
 
-    run_bench(args.model, args.data, Path(args.out), limit=args.limit, batch_size=args.batch_size,
-              max_new_tokens=args.max_new_tokens)
+    opts = BenchOptions(limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                        engine=args.engine, latency_clips=args.latency_clips, warmup=args.warmup,
+                        threads=args.threads, streaming=args.streaming, chunk_ms=args.chunk_ms,
+                        overlap_ms=args.overlap_ms, assistant=args.assistant)
+    run_bench(args.model, args.data, Path(args.out), opts)
+
+
+def _layers(text: str | None) -> list[int] | None:
+    return None if text is None else [int(x) for x in text.split(",") if x.strip()]
+
+
+def _prune(args: argparse.Namespace) -> None:
+    from asr.models.prune import prune_to_directory
+
+    report = prune_to_directory(args.model, Path(args.out), decoder_keep=_layers(args.keep),
+                                num_layers=args.num_layers, strategy=args.strategy,
+                                encoder_keep=_layers(args.encoder_keep))
+    print(f"kept decoder layers {report['decoder_keep']} of {report['teacher_decoder_layers']} "
+          f"({report['student_params'] / 1e6:.1f}M of {report['teacher_params'] / 1e6:.1f}M params) -> {args.out}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from asr.models.export import export_ct2
+
+    path = export_ct2(args.model, Path(args.out), quantization=args.quantization)
+    print(f"exported {args.model} to CTranslate2 -> {path}")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -84,8 +108,33 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", required=True)
     bench.add_argument("--limit", type=int)
     bench.add_argument("--batch-size", type=int, default=8)
-    bench.add_argument("--max-new-tokens", type=int, default=128)
+    bench.add_argument("--max-new-tokens", type=int, default=128, help="cap so a collapsed student cannot run away")
+    bench.add_argument("--engine", choices=["hf", "ct2"], default="hf")
+    bench.add_argument("--latency-clips", type=int, default=24, help="clips timed at batch size 1")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed clips before timing")
+    bench.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    bench.add_argument("--streaming", action="store_true", help="also simulate streaming")
+    bench.add_argument("--chunk-ms", type=int, default=300)
+    bench.add_argument("--overlap-ms", type=int, default=0)
+    bench.add_argument("--assistant", help="student model for speculative decoding of the teacher")
     bench.set_defaults(func=_bench)
+
+    prune = sub.add_parser("prune", help="keep a subset of decoder (and encoder) layers")
+    prune.add_argument("--model", required=True)
+    group = prune.add_mutually_exclusive_group(required=True)
+    group.add_argument("--keep", help="decoder layers to keep, e.g. 0,5")
+    group.add_argument("--num-layers", type=int, help="number of decoder layers to keep")
+    prune.add_argument("--strategy", default="spaced", choices=["spaced", "first"])
+    prune.add_argument("--encoder-keep", help="encoder layers to keep (default: all)")
+    prune.add_argument("--out", required=True)
+    prune.set_defaults(func=_prune)
+
+    export = sub.add_parser("export", help="export a model for another inference engine")
+    export.add_argument("--model", required=True)
+    export.add_argument("--format", choices=["ct2"], default="ct2")
+    export.add_argument("--quantization", help="ctranslate2 quantization, e.g. int8, float16")
+    export.add_argument("--out", required=True)
+    export.set_defaults(func=_export)
 
     demo = sub.add_parser("demo", help="the embedded default job")
     demo.add_argument("--out", default="runs/demo")

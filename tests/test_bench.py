@@ -7,7 +7,12 @@ import sys
 
 import pytest
 
+from asr.bench.physics import predicted_decoder_ratio
+from asr.bench.repetition import has_loop, is_hallucination, repetition_rate
 from asr.bench.wer import error_rates, normalize
+from asr.models.loading import load_whisper
+
+LATENCY_KEYS = {"encoder_ms_p50", "decoder_ms_per_token_p50", "total_ms_p50", "total_ms_p95", "rtfx", "peak_rss_mb"}
 
 
 def test_english_normalizer_maps_spelling_numbers_and_punctuation():
@@ -31,6 +36,32 @@ def test_error_rates_skips_empty_references():
     assert r["scored"] == 1 and r["wer"] == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("text, loops", [
+    ("the cat sat on the mat", False),
+    ("no no no", False),
+    ("and then and then and then and then", True),
+    ("so so so so", True),
+    ("I think that " + "we will go to the market and " * 4, True),
+    ("a b c d e f g h i " * 3, False),  # a 9-gram repeated 3 times is below both limits
+])
+def test_loop_detector(text, loops):
+    assert has_loop(text.split()) is loops
+
+
+def test_hallucination_flags_capped_and_overlong_output():
+    assert is_hallucination("fine words here", "fine words here", capped=True)
+    assert is_hallucination(" ".join(f"w{i}" for i in range(20)), "only five words in here")
+    assert not is_hallucination("only five words in here", "only five words in here")
+    assert repetition_rate(["a b", "go go go go", "x"], ["a b", "go", "x"], [False, False, True]) == pytest.approx(2 / 3)
+
+
+def test_predicted_decoder_ratio_of_base_6_to_2():
+    """The issue's physical ratio: base 6→2 reads 0.70x the teacher's decoder weights per token."""
+    teacher = load_whisper("whisper-base").config
+    student = teacher.__class__.from_dict({**teacher.to_dict(), "decoder_layers": 2})
+    assert predicted_decoder_ratio(student, teacher) == pytest.approx(0.70, abs=0.005)
+
+
 def test_bench_cli_writes_json_table_and_clips(tmp_path):
     folder = tmp_path / "clips"
     folder.mkdir()
@@ -41,12 +72,17 @@ def test_bench_cli_writes_json_table_and_clips(tmp_path):
                                          "".join(f"c{i}.wav,{t}\n" for i, t in enumerate(sentences)))
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, "-m", "asr", "bench", "--model", "whisper-tiny.en", "--data", str(folder),
-                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+                           "--out", str(out), "--latency-clips", "2", "--warmup", "1"],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     [record] = json.loads((out / "bench.json").read_text())
     assert record["model"] == "whisper-tiny.en" and record["n"] == 2
     assert 0.0 <= record["wer"] <= 0.2  # a clean flite voice: tiny.en gets it nearly right
-    assert record["capped_rate"] == 0.0
+    assert record["capped_rate"] == 0.0 and record["repetition_rate"] == 0.0
+    assert LATENCY_KEYS <= set(record["latency"]) and record["latency"]["clips"] == 2
+    assert 0 < record["latency"]["encoder_ms_p50"] < record["latency"]["total_ms_p50"]
+    assert record["params"] == 37_760_256 and (record["encoder_layers"], record["decoder_layers"]) == (4, 4)
+    assert (out / "bench.png").stat().st_size > 10_000
     assert "| whisper-tiny.en | clips | 2 |" in (out / "bench.md").read_text()
     clips = [json.loads(line) for line in (out / "clips-whisper-tiny.en-clips.jsonl").read_text().splitlines()]
     assert [c["reference"] for c in clips] == sentences and all(c["hyp_norm"] for c in clips)

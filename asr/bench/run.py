@@ -1,17 +1,46 @@
-"""`asr bench`: every model on every dataset, one record per (model, dataset), written as JSON, JSONL and a table."""
+"""`asr bench`: every model on every dataset; one record per (model, dataset) in bench.json, a table and a plot.
+
+Every model sees the same decoded audio and the same log-mel features. WER comes from a batched greedy pass
+with a token cap; latency from a separate batch-1 pass after warm-up, on a fixed number of threads.
+"""
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from tqdm import tqdm
 
+from asr.bench.engines import HfEngine
+from asr.bench.latency import measure_latency
+from asr.bench.physics import predicted_decoder_ratio
+from asr.bench.repetition import repetition_rate
+from asr.bench.report import log_to_wandb, markdown_table, plot_wer_vs_latency
 from asr.bench.transcribe import transcribe
 from asr.bench.wer import error_rates, normalize
 from asr.data.loading import DatasetRef, SkipStats, iter_samples, open_dataset
 from asr.models.loading import load_processor, load_whisper
+from asr.models.registry import resolve_model
+
+
+@dataclass
+class BenchOptions:
+    """Knobs of one benchmark run (all recorded in bench.json)."""
+
+    limit: int | None = None
+    batch_size: int = 8
+    max_new_tokens: int = 128
+    engine: str = "hf"
+    latency_clips: int = 24
+    warmup: int = 2
+    threads: int = 2
+    streaming: bool = False
+    chunk_ms: int = 300
+    overlap_ms: int = 0
+    assistant: str | None = None
 
 
 def load_eval_samples(data: str, limit: int | None) -> tuple[str, list, SkipStats]:
@@ -23,15 +52,44 @@ def load_eval_samples(data: str, limit: int | None) -> tuple[str, list, SkipStat
     return ref.label, samples, stats
 
 
-def score_records(model: str, dataset: str, samples, hyps) -> tuple[dict, list[dict]]:
-    """Corpus and per-language error rates, plus the per-clip rows kept for inspection."""
+def model_label(ref: str) -> str:
+    """Short display name: the registry name or the directory name."""
+    path = Path(ref)
+    return ref if not path.exists() else (path.parent.name if path.name == "final" else path.name)
+
+
+def load_engine(ref: str, engine: str):
+    """(engine, processor, HF model) for a model reference; ct2 exports HF models on the fly (cached)."""
+    model = load_whisper(ref)
+    processor = load_processor(ref)
+    if engine == "hf":
+        return HfEngine(model, model_label(ref)), processor, model
+    if engine == "ct2":
+        from asr.bench.ct2_engine import Ct2Engine
+
+        return Ct2Engine.for_model(ref, model_label(ref)), processor, model
+    raise ValueError(f"unknown engine {engine}")
+
+
+def teacher_of(ref: str, models: Sequence[str]) -> str:
+    """The teacher a model is compared against: its pruning.json teacher if benchmarked, else the first model."""
+    pruning = Path(resolve_model(ref)) / "pruning.json" if Path(ref).exists() else None
+    if pruning is not None and pruning.is_file():
+        teacher = json.loads(pruning.read_text())["teacher"]
+        if teacher in models:
+            return teacher
+    return models[0]
+
+
+def score(model: str, dataset: str, samples, hyps) -> tuple[dict, list[dict]]:
+    """Corpus and per-language error rates, repetition rate, and the per-clip rows kept for inspection."""
     clips = [{"id": s.id, "language": s.language, "reference": s.text, "hypothesis": h.text,
               "ref_norm": normalize(s.text, s.language), "hyp_norm": normalize(h.text, s.language),
               "tokens": len(h.tokens), "capped": h.capped} for s, h in zip(samples, hyps)]
-    record = {"model": model, "dataset": dataset, "n": len(clips),
-              **error_rates([c["ref_norm"] for c in clips], [c["hyp_norm"] for c in clips]),
-              "capped_rate": sum(c["capped"] for c in clips) / max(len(clips), 1),
-              "per_language": {}}
+    refs, hyps_norm = [c["ref_norm"] for c in clips], [c["hyp_norm"] for c in clips]
+    record = {"model": model, "dataset": dataset, "n": len(clips), **error_rates(refs, hyps_norm),
+              "repetition_rate": repetition_rate(hyps_norm, refs, [c["capped"] for c in clips]),
+              "capped_rate": sum(c["capped"] for c in clips) / max(len(clips), 1), "per_language": {}}
     for language in sorted({c["language"] for c in clips}):
         subset = [c for c in clips if c["language"] == language]
         record["per_language"][language] = {"n": len(subset), **error_rates(
@@ -39,39 +97,73 @@ def score_records(model: str, dataset: str, samples, hyps) -> tuple[dict, list[d
     return record, clips
 
 
-def markdown_table(records: Sequence[dict]) -> str:
-    """The bench table: one row per (model, dataset)."""
-    lines = ["| model | dataset | n | WER | CER | sub | del | ins | capped |", "|---|---|---|---|---|---|---|---|---|"]
+def bench_one(engine, processor, model, label: str, samples, opts: BenchOptions, out_dir: Path) -> dict:
+    """One (model, dataset) record: accuracy, latency, and the optional streaming / speculative figures."""
+    with tqdm(total=len(samples), desc=f"{engine.name} on {label}: WER", unit="clip") as bar:
+        hyps = transcribe(engine, processor, samples, opts.batch_size, opts.max_new_tokens, progress=bar.update)
+    record, clips = score(engine.name, label, samples, hyps)
+    with open(out_dir / f"clips-{engine.name}-{label}.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in clips)
+    timed = samples[:opts.latency_clips]
+    with tqdm(total=len(timed), desc=f"{engine.name} on {label}: latency", unit="clip") as bar:
+        record["latency"], _ = measure_latency(engine, processor, timed, opts.warmup, opts.max_new_tokens,
+                                               progress=bar.update)
+    record.update(params=sum(p.numel() for p in model.parameters()), encoder_layers=model.config.encoder_layers,
+                  decoder_layers=model.config.decoder_layers, engine=opts.engine)
+    if opts.streaming:
+        from asr.bench.streaming import simulate_streaming
+
+        record["streaming"] = simulate_streaming(engine, processor, timed, opts.chunk_ms, opts.overlap_ms,
+                                                 opts.max_new_tokens)
+    return record
+
+
+def add_ratios(records: list[dict], teachers: dict[str, str], configs: dict[str, object]) -> None:
+    """Measured and predicted decoder ms/token relative to each model's teacher on the same dataset."""
+    by_key = {(r["model"], r["dataset"]): r for r in records}
     for r in records:
-        pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-        lines.append(f"| {r['model']} | {r['dataset']} | {r['n']} | {pct(r['wer'])} | {pct(r['cer'])} | "
-                     f"{r['substitutions']} | {r['deletions']} | {r['insertions']} | {pct(r['capped_rate'])} |")
-    return "\n".join(lines) + "\n"
+        teacher = by_key.get((teachers[r["model"]], r["dataset"]))
+        r["teacher"] = teachers[r["model"]]
+        if teacher is None:
+            continue
+        r["predicted_decoder_ratio"] = predicted_decoder_ratio(configs[r["model"]], configs[r["teacher"]])
+        r["measured_decoder_ratio"] = (r["latency"]["decoder_ms_per_token_p50"]
+                                       / teacher["latency"]["decoder_ms_per_token_p50"])
 
 
-def run_bench(models: Sequence[str], datasets: Sequence[str], out_dir: Path, limit: int | None = None,
-              batch_size: int = 8, max_new_tokens: int = 128) -> list[dict]:
-    """Benchmark models on datasets; writes bench.json, bench.md and clips-<model>-<dataset>.jsonl."""
+def run_bench(models: Sequence[str], datasets: Sequence[str], out_dir: Path, opts: BenchOptions | None = None) -> list[dict]:
+    """Benchmark models on datasets; writes bench.json, bench.md, bench.png and clips-<model>-<dataset>.jsonl."""
+    opts = opts or BenchOptions()
+    torch.set_num_threads(opts.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
-    loaded = [load_eval_samples(d, limit) for d in datasets]
+    started = time.perf_counter()
+    loaded = [load_eval_samples(d, opts.limit) for d in datasets]
     for label, samples, stats in loaded:
         print(f"{label}: {len(samples)} clips; {stats.summary()}")
-    records = []
-    started = time.perf_counter()
-    for model_ref in models:
-        model, processor = load_whisper(model_ref), load_processor(model_ref)
-        name = Path(model_ref).name if Path(model_ref).exists() else model_ref
+    labels = [model_label(m) for m in models]
+    teachers = {model_label(m): model_label(teacher_of(m, models)) for m in models}
+    records, configs = [], {}
+    for ref in models:
+        engine, processor, model = load_engine(ref, opts.engine)
+        configs[engine.name] = model.config
         for label, samples, _ in loaded:
-            with tqdm(total=len(samples), desc=f"{name} on {label}", unit="clip") as bar:
-                hyps = transcribe(model, processor, samples, batch_size, max_new_tokens, progress=bar.update)
-            record, clips = score_records(name, label, samples, hyps)
-            records.append(record)
-            with open(out_dir / f"clips-{name}-{label}.jsonl", "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in clips)
+            records.append(bench_one(engine, processor, model, label, samples, opts, out_dir))
+        if opts.assistant is not None and engine.name == teachers[engine.name]:
+            from asr.bench.speculative import speculative_check
+
+            for label, samples, _ in loaded:
+                record = next(r for r in records if r["model"] == engine.name and r["dataset"] == label)
+                record["speculative"] = speculative_check(model, load_whisper(opts.assistant), processor,
+                                                          samples[:opts.latency_clips], opts.max_new_tokens)
+        del engine, model
+    add_ratios(records, teachers, configs)
     (out_dir / "bench.json").write_text(json.dumps(records, indent=2))
+    (out_dir / "bench-options.json").write_text(json.dumps(asdict(opts), indent=2))
     table = markdown_table(records)
     (out_dir / "bench.md").write_text(table)
+    plot_wer_vs_latency(records, set(teachers.values()), out_dir / "bench.png")
+    log_to_wandb(records)
     print(table)
-    print(f"benchmarked {len(models)} model(s) on {len(datasets)} dataset(s) in "
+    print(f"benchmarked {len(labels)} model(s) on {len(datasets)} dataset(s) in "
           f"{time.perf_counter() - started:.0f} s; results in {out_dir}")
     return records

@@ -1,12 +1,11 @@
-"""Greedy transcription in batches, with a cap on new tokens so a collapsed student cannot run away."""
+"""Batched greedy transcription through any engine, with a token cap so a collapsed student cannot run away."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import groupby
-from typing import Sequence
+from typing import Callable, Sequence
 
-import torch
-
+from asr.bench.engines import Engine
 from asr.data.features import log_mel
 from asr.data.loading import Sample
 
@@ -21,32 +20,25 @@ class Hypothesis:
     capped: bool
 
 
-def generate_kwargs(model, language: str) -> dict:
-    """Language/task arguments for `generate`: English-only models take none."""
-    if getattr(model.generation_config, "is_multilingual", False):
-        return {"language": language, "task": "transcribe"}
-    return {}
+def text_of(tokenizer, tokens: list[int], eos: int) -> str:
+    """Decoded text of the text tokens (specials and timestamps sort above end-of-text and are dropped)."""
+    return tokenizer.decode([t for t in tokens if t < eos], skip_special_tokens=True).strip()
 
 
-@torch.inference_mode()
-def transcribe(model, processor, samples: Sequence[Sample], batch_size: int = 8,
-               max_new_tokens: int = 128, progress=None) -> list[Hypothesis]:
-    """Transcribe samples greedily, batching clips of the same language together."""
-    out: dict[str, Hypothesis] = {}
-    eos = model.generation_config.eos_token_id
-    ordered = sorted(samples, key=lambda s: s.language)
-    for language, group in groupby(ordered, key=lambda s: s.language):
+def transcribe(engine: Engine, processor, samples: Sequence[Sample], batch_size: int = 8,
+               max_new_tokens: int = 128, progress: Callable[[int], object] | None = None) -> list[Hypothesis]:
+    """Transcribe samples, batching clips of the same language together; results in input order."""
+    out: dict[int, Hypothesis] = {}
+    indexed = sorted(enumerate(samples), key=lambda item: item[1].language)
+    for language, group in groupby(indexed, key=lambda item: item[1].language):
         group = list(group)
         for start in range(0, len(group), batch_size):
             batch = group[start:start + batch_size]
-            features = log_mel(processor.feature_extractor, [s.audio for s in batch]).to(model.dtype)
-            ids = model.generate(features, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 **generate_kwargs(model, language))
-            for sample, row in zip(batch, ids.tolist()):
-                row = row[:row.index(eos)] if eos in row else row  # generate drops the final eot, pads with it
-                tokens = [t for t in row if t < eos]  # text tokens only: specials and timestamps sort above eot
-                text = processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-                out[sample.id] = Hypothesis(sample.id, text, tokens, capped=len(row) >= max_new_tokens)
+            features = log_mel(processor.feature_extractor, [s.audio for _, s in batch])
+            decoded = engine.decode(engine.encode(features), language, max_new_tokens)
+            for (i, sample), d in zip(batch, decoded):
+                out[i] = Hypothesis(sample.id, text_of(processor.tokenizer, d.tokens, engine.eos_token_id),
+                                    d.tokens, d.capped)
             if progress is not None:
                 progress(len(batch))
-    return [out[s.id] for s in samples]
+    return [out[i] for i in range(len(samples))]

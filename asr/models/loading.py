@@ -14,6 +14,12 @@ def load_processor(ref: str):
     return WhisperProcessor.from_pretrained(resolve_model(ref))
 
 
+def save_processor(processor, path) -> None:
+    """Write tokenizer and `preprocessor_config.json` (WhisperProcessor alone writes processor_config.json only)."""
+    processor.tokenizer.save_pretrained(path)
+    processor.feature_extractor.save_pretrained(path)
+
+
 def load_whisper(ref: str, dtype: torch.dtype = torch.float32):
     """A WhisperForConditionalGeneration in eval mode, on CPU (callers move it to their device)."""
     from transformers import WhisperForConditionalGeneration

@@ -83,6 +83,8 @@ def import_registry_model(name: str, out: Path | None = None) -> Path:
     """Import a registry model into `out` (default: the cache); cached, so the second call is instant."""
     from asr.models.ct2_import import import_ct2
 
+    if name not in REGISTRY:
+        raise AsrError(f"{name}: not a registry model; choose one of {', '.join(REGISTRY)}")
     entry = REGISTRY[name]
     target = out or cache_dir() / "models" / name
     stamp = {"name": name, "packages": [list(p) for p in entry.packages], "format": 1}

@@ -1,0 +1,63 @@
+"""Inference engines behind one interface, so every engine gets identical features and identical timing.
+
+An engine splits transcription into `encode` (once per clip) and `decode` (autoregressive, per token), which
+is what lets the benchmark time the encoder and the decoder separately.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass
+class Decoded:
+    """Tokens a model produced for one clip, up to (not including) end-of-text."""
+
+    tokens: list[int]
+    capped: bool  # hit max_new_tokens without emitting end-of-text
+
+
+class Engine(Protocol):
+    name: str
+    eos_token_id: int
+
+    def encode(self, features: torch.Tensor) -> Any: ...
+
+    def decode(self, encoded: Any, language: str, max_new_tokens: int) -> list[Decoded]: ...
+
+
+def split_rows(rows: list[list[int]], eos: int, max_new_tokens: int) -> list[Decoded]:
+    """Cut each generated row at end-of-text; a row that never reached it was capped."""
+    out = []
+    for row in rows:
+        row = row[:row.index(eos)] if eos in row else row
+        out.append(Decoded(tokens=row, capped=len(row) >= max_new_tokens))
+    return out
+
+
+class HfEngine:
+    """Hugging Face `generate` (greedy) on precomputed encoder states."""
+
+    def __init__(self, model, name: str):
+        self.model, self.name = model, name
+        self.eos_token_id = model.generation_config.eos_token_id
+
+    def language_kwargs(self, language: str) -> dict:
+        if getattr(self.model.generation_config, "is_multilingual", False):
+            return {"language": language, "task": "transcribe"}
+        return {}
+
+    @torch.inference_mode()
+    def encode(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.model.encoder(features.to(self.model.dtype)).last_hidden_state
+
+    @torch.inference_mode()
+    def decode(self, encoded: torch.Tensor, language: str, max_new_tokens: int, **generate_kwargs) -> list[Decoded]:
+        from transformers.modeling_outputs import BaseModelOutput
+
+        ids = self.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=encoded), do_sample=False,
+                                  num_beams=1, max_new_tokens=max_new_tokens, **self.language_kwargs(language),
+                                  **generate_kwargs)
+        return split_rows(ids.tolist(), self.eos_token_id, max_new_tokens)

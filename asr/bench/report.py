@@ -1,0 +1,90 @@
+"""Bench outputs people read: the markdown table, the WER-vs-decoder-latency plot, and the W&B table."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x: float | None, fmt: str = ".1f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def markdown_table(records: Sequence[dict]) -> str:
+    """One row per (model, dataset): accuracy, size, latency split and the decoder ratio vs the teacher."""
+    head = ("| model | dataset | n | WER | CER | S/D/I | repetition | params | enc/dec layers | enc ms p50 | "
+            "dec ms/token p50 | total ms p50 / p95 | RTFx | peak RSS MB | dec ratio measured / predicted |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in records:
+        lat = r.get("latency", {})
+        ratio = (f"{_num(r.get('measured_decoder_ratio'), '.2f')} / {_num(r.get('predicted_decoder_ratio'), '.2f')}"
+                 if r.get("model") != r.get("teacher") else "teacher")
+        lines.append(
+            f"| {r['model']} | {r['dataset']} | {r['n']} | {_pct(r['wer'])} | {_pct(r['cer'])} | "
+            f"{r['substitutions']}/{r['deletions']}/{r['insertions']} | {_pct(r.get('repetition_rate'))} | "
+            f"{r.get('params', 0) / 1e6:.1f}M | {r.get('encoder_layers', '-')}/{r.get('decoder_layers', '-')} | "
+            f"{_num(lat.get('encoder_ms_p50'))} | {_num(lat.get('decoder_ms_per_token_p50'), '.2f')} | "
+            f"{_num(lat.get('total_ms_p50'), '.0f')} / {_num(lat.get('total_ms_p95'), '.0f')} | "
+            f"{_num(lat.get('rtfx'))} | {_num(lat.get('peak_rss_mb'), '.0f')} | {ratio} |")
+    extras = [_extra_line(r) for r in records if "streaming" in r or "speculative" in r]
+    return "\n".join(lines + ([""] + extras if extras else [])) + "\n"
+
+
+def _extra_line(r: dict) -> str:
+    parts = [f"- {r['model']} on {r['dataset']}:"]
+    if "streaming" in r:
+        s = r["streaming"]
+        parts.append(f"streaming {s['chunk_ms']} ms chunks: chunk latency p50 {s['chunk_latency_ms_p50']:.0f} ms, "
+                     f"p95 {s['chunk_latency_ms_p95']:.0f} ms, final WER {_pct(s['wer'])}, "
+                     f"keeps up with real time: {'yes' if s['keeps_up'] else 'no'}.")
+    if "speculative" in r:
+        s = r["speculative"]
+        parts.append(f"speculative decoding with {s['assistant']}: {s['identical']}/{s['n']} outputs identical to "
+                     f"greedy, {s['greedy_ms_p50']:.0f} → {s['speculative_ms_p50']:.0f} ms p50 "
+                     f"({s['speedup']:.2f}x).")
+    return " ".join(parts)
+
+
+def plot_wer_vs_latency(records: Sequence[dict], teachers: set[str], path: Path) -> None:
+    """WER against decoder ms/token, one point per (model, dataset); teachers drawn as stars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in records:
+        x, y = r.get("latency", {}).get("decoder_ms_per_token_p50"), r.get("wer")
+        if x is None or y is None:
+            continue
+        teacher = r["model"] in teachers
+        ax.scatter(x, 100 * y, marker="*" if teacher else "o", s=220 if teacher else 70,
+                   color="crimson" if teacher else "steelblue", zorder=3)
+        ax.annotate(f"{r['model']} ({r['dataset']})", (x, 100 * y), textcoords="offset points", xytext=(6, 4),
+                    fontsize=8)
+    ax.set_xlabel("decoder ms per generated token (p50, batch 1)")
+    ax.set_ylabel("WER (%)")
+    ax.set_yscale("symlog", linthresh=100)
+    ax.grid(alpha=0.3)
+    ax.set_title("WER vs decoder latency (★ = teacher)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def log_to_wandb(records: Sequence[dict], step: int | None = None) -> None:
+    """Append the records to the active W&B run as a table (no-op without an active run)."""
+    import wandb
+
+    if wandb.run is None:
+        return
+    columns = ["model", "dataset", "n", "wer", "cer", "repetition_rate", "params", "decoder_layers",
+               "encoder_ms_p50", "decoder_ms_per_token_p50", "total_ms_p50", "total_ms_p95", "rtfx", "peak_rss_mb"]
+    table = wandb.Table(columns=columns)
+    for r in records:
+        lat = r.get("latency", {})
+        table.add_data(*[r.get(c, lat.get(c)) for c in columns])
+    wandb.log({"bench": table}, step=step)

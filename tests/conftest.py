@@ -1,0 +1,59 @@
+"""Shared fixtures: a few real speech clips synthesized offline (espeak-ng and flite, several voices)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torchaudio
+
+SAMPLE_RATE = 16_000
+
+# (engine, voice, text): different engines and voices so the clips are not one speaker reading.
+_CLIP_SCRIPT = [
+    ("espeak-ng", "en-us", "The quick brown fox jumps over the lazy dog."),
+    ("flite", "slt", "Please call Stella and ask her to bring these things with her from the store."),
+    ("espeak-ng", "en-gb-x-rp", "She sells sea shells by the sea shore every summer morning."),
+    ("flite", "awb", "We will meet at the station tomorrow before the train leaves."),
+    ("espeak-ng", "en-us+f3", "Reading a good book on a rainy afternoon is a simple pleasure."),
+    ("flite", "rms", "The weather report says it will be cold and windy this weekend."),
+]
+
+
+@dataclass(frozen=True)
+class SpeechClip:
+    """One synthesized utterance: what was said, by which voice, as 16 kHz mono float32."""
+
+    text: str
+    voice: str
+    audio: np.ndarray
+
+
+def _synthesize(engine: str, voice: str, text: str, wav) -> None:
+    if shutil.which(engine) is None:
+        pytest.fail(f"{engine} is not installed; run `make apt` (the fast tier needs it for speech clips)")
+    if engine == "espeak-ng":
+        cmd = ["espeak-ng", "-v", voice, "-s", "160", "-w", str(wav), text]
+    else:
+        cmd = ["flite", "-voice", voice, "-t", text, "-o", str(wav)]
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def speech_clips(tmp_path_factory) -> list[SpeechClip]:
+    """Six real speech clips (2.5-5 s), synthesized once per session and resampled to 16 kHz."""
+    folder = tmp_path_factory.mktemp("speech_clips")
+    clips = []
+    for i, (engine, voice, text) in enumerate(_CLIP_SCRIPT):
+        wav = folder / f"{i:02d}_{engine}_{voice}.wav"
+        _synthesize(engine, voice, text, wav)
+        audio, rate = sf.read(wav, dtype="float32", always_2d=True)
+        mono = torch.from_numpy(audio.mean(axis=1))
+        if rate != SAMPLE_RATE:
+            mono = torchaudio.functional.resample(mono, rate, SAMPLE_RATE)
+        clips.append(SpeechClip(text=text, voice=f"{engine}:{voice}", audio=mono.numpy()))
+    return clips
