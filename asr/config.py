@@ -1,0 +1,234 @@
+"""The recipe schema: typed dataclasses, safe YAML loading, dotted `key=value` overrides, and validation.
+
+One schema, one loader. Unknown keys and wrong types fail with the key's dotted path and what is allowed;
+nothing in a recipe executes code (yaml.safe_load, and values are only ever data).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from asr.errors import AsrError
+
+
+@dataclass
+class PruneConfig:
+    """Which teacher decoder layers the student keeps (`keep` wins over `num_layers`)."""
+
+    keep: list[int] | None = None
+    num_layers: int | None = 2
+    strategy: Literal["spaced", "first", "importance"] = "spaced"
+    encoder_keep: list[int] | None = None
+    calibration: str | None = None  # dataset for --strategy importance
+    calibration_limit: int = 32
+
+
+@dataclass
+class SynthConfig:
+    """A synthetic split to build into the run directory when the recipe has no real data."""
+
+    split: Literal["train", "test"] = "train"
+    num: int = 100
+    seed: int = 0
+    languages: list[str] = field(default_factory=lambda: ["en"])
+
+
+@dataclass
+class DataConfig:
+    """Training and evaluation data: audiofolder directories or hub ids (`name[:config][@split]`)."""
+
+    train: list[str] = field(default_factory=list)
+    eval: list[str] = field(default_factory=list)
+    synth_train: SynthConfig | None = None
+    synth_eval: SynthConfig | None = None
+    train_limit: int | None = None
+    language: str = "en"  # used when a dataset has no language column
+    max_label_tokens: int = 200
+    streaming: bool = False
+
+
+@dataclass
+class ObjectiveConfig:
+    """Recovery method. KD defaults are the distil-whisper paper's (α_kl=0.8, α_ce=1.0, T=2)."""
+
+    method: Literal["kd", "ce"] = "kd"
+    alpha_kl: float = 0.8
+    alpha_ce: float = 1.0
+    temperature: float = 2.0
+
+
+@dataclass
+class OptimConfig:
+    """torch AdamW with linear warm-up then constant or linearly decaying LR (the turbo schedule)."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    warmup_steps: int = 0
+    schedule: Literal["constant", "linear"] = "constant"
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """The engine: steps, batch, DeepSpeed ZeRO stage, precision, checkpoints, processes."""
+
+    max_steps: int = 100
+    batch_size: int = 8  # per process
+    grad_accum: int = 1
+    seed: int = 0
+    freeze_encoder: bool = True
+    cache_encoder: bool = True  # frozen encoder: compute its states once per clip and reuse them every epoch
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    bf16: Literal["auto", "on", "off"] = "off"
+    save_every: int = 50
+    keep_last: int = 2
+    log_every: int = 10
+    nproc: int = 1
+    threads_per_proc: int | None = None
+    max_bad_steps: int = 5  # consecutive NaN/inf losses before the run stops
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # merged last into the DeepSpeed config
+
+
+@dataclass
+class EvalConfig:
+    """The per-checkpoint benchmark."""
+
+    limit: int | None = 60
+    batch_size: int = 8
+    max_new_tokens: int = 96
+    latency_clips: int = 8
+    warmup: int = 1
+
+
+@dataclass
+class TrackingConfig:
+    """Weights & Biases: offline into the run directory unless the user sets WANDB_MODE/WANDB_API_KEY."""
+
+    wandb: bool = True
+    project: str = "asr-distill"
+    mode: Literal["offline", "online", "disabled"] = "offline"
+
+
+@dataclass
+class Recipe:
+    """One file that says teacher, pruning, recovery method, data, engine, evaluation and tracking."""
+
+    name: str = "recipe"
+    description: str = ""
+    teacher: str = "whisper-base"
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
+    if dataclasses.is_dataclass(tp):
+        return f"mapping with keys {', '.join(f.name for f in dataclasses.fields(tp))}"
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against the annotation `tp`; returns the typed value or raises naming `path`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, path)
+            except AsrError:
+                continue
+        raise AsrError(f"{path}: {value!r} is not {_type_name(tp)}")
+    if origin is Literal:
+        if value in typing.get_args(tp) and type(value) in {type(a) for a in typing.get_args(tp)}:
+            return value
+        raise AsrError(f"{path}: {value!r} is not {_type_name(tp)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise AsrError(f"{path}: {value!r} is not {_type_name(tp)}")
+        return [_coerce(v, typing.get_args(tp)[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise AsrError(f"{path}: {value!r} is not a mapping")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 3e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+        raise AsrError(f"{path}: {value!r} is not {_type_name(tp)}")
+    return value
+
+
+def build(cls: type, data: Any, path: str = "") -> Any:
+    """Instantiate dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise AsrError(f"{path or 'recipe'}: expected a mapping with keys {', '.join(f.name for f in dataclasses.fields(cls))}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise AsrError(f"{path + '.' if path else ''}{key}: unknown key; allowed: {', '.join(sorted(known))}")
+    return cls(**{k: _coerce(v, hints[k], f"{path + '.' if path else ''}{k}") for k, v in data.items()})
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply dotted `key=value` overrides (values parsed as YAML: 3e-5, [0,31], true) to a raw recipe mapping."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise AsrError(f"override '{item}' is not key=value (e.g. optim.lr=3e-5)")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise AsrError(f"override '{item}': {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe YAML safely, apply overrides, validate, and return the typed Recipe."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AsrError(f"{path}: cannot read recipe ({exc.__class__.__name__}); check the path") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise AsrError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    return build(Recipe, apply_overrides(data, list(overrides or [])))
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """Plain mapping of a recipe (the resolved recipe written into every run directory)."""
+    return dataclasses.asdict(recipe)

@@ -1,0 +1,1 @@
+"""Recovery training: objectives, DeepSpeed engine, the loop, checkpoints, tracking."""

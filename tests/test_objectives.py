@@ -1,0 +1,65 @@
+"""Objectives against values computed by hand."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from asr.train.objectives import IGNORE_INDEX, ce_loss, kd_loss, kl_teacher_student, turbo_lr_factor
+
+
+def _logits(*rows: list[float]) -> torch.Tensor:
+    return torch.tensor([rows], dtype=torch.float32)  # [1, T, V]
+
+
+def test_ce_ignores_masked_positions():
+    logits = _logits([math.log(1), math.log(3)], [5.0, -5.0])
+    labels = torch.tensor([[1, IGNORE_INDEX]])
+    assert ce_loss(logits, labels).item() == pytest.approx(-math.log(3 / 4), abs=1e-6)
+
+
+def test_kl_matches_hand_computation_at_temperature():
+    # teacher logits ln(1), ln(3) at T=1 -> p=(1/4, 3/4); student uniform -> q=(1/2, 1/2)
+    t = _logits([0.0, math.log(3)])
+    s = _logits([0.0, 0.0])
+    labels = torch.tensor([[0]])
+    expected = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert kl_teacher_student(s, t, labels, temperature=1.0).item() == pytest.approx(expected, abs=1e-6)
+    # at T=2 the teacher logits are halved: p = softmax(0, ln3/2) = (1/(1+√3), √3/(1+√3))
+    p1 = 1 / (1 + math.sqrt(3))
+    expected_t2 = p1 * math.log(p1 / 0.5) + (1 - p1) * math.log((1 - p1) / 0.5)
+    assert kl_teacher_student(s, t, labels, temperature=2.0).item() == pytest.approx(expected_t2, abs=1e-6)
+
+
+def test_kl_is_zero_for_identical_distributions_and_direction_is_teacher_first():
+    a, b = _logits([2.0, 0.0, -1.0]), _logits([0.0, 1.0, 0.5])
+    labels = torch.tensor([[0]])
+    assert kl_teacher_student(a, a, labels).item() == pytest.approx(0.0, abs=1e-7)
+    pa, pb = torch.softmax(a[0, 0] / 2, -1), torch.softmax(b[0, 0] / 2, -1)
+    forward = (pb * (pb / pa).log()).sum().item()  # KL(teacher=b ‖ student=a)
+    assert kl_teacher_student(a, b, labels).item() == pytest.approx(forward, abs=1e-6)
+
+
+def test_kd_loss_combines_parts_with_paper_weights():
+    s = _logits([0.0, 0.0], [1.0, 0.0])
+    t = _logits([0.0, math.log(3)], [0.0, 0.0])
+    labels = torch.tensor([[1, IGNORE_INDEX]])
+    out = kd_loss(s, t, labels)  # defaults: T=2, α_kl=0.8, α_ce=1.0
+    assert out["ce"].item() == pytest.approx(math.log(2), abs=1e-6)
+    assert out["kl"].item() == pytest.approx(kl_teacher_student(s[:, :1], t[:, :1], labels[:, :1]).item(), abs=1e-7)
+    assert out["loss"].item() == pytest.approx(0.8 * 4 * out["kl"].item() + math.log(2), abs=1e-6)
+
+
+def test_kd_gradient_pulls_student_towards_teacher():
+    s = _logits([0.0, 0.0, 0.0]).requires_grad_()
+    t = _logits([3.0, 0.0, 0.0])
+    kd_loss(s, t, torch.tensor([[0]]), alpha_ce=0.0)["loss"].backward()
+    assert s.grad[0, 0, 0] < 0 < s.grad[0, 0, 1]  # descent raises the teacher's favourite token
+
+
+def test_turbo_schedule_warmup_then_linear_decay():
+    f = [turbo_lr_factor(s, warmup_steps=2, total_steps=10) for s in range(11)]
+    assert f[:3] == [0.5, 1.0, 1.0]
+    assert f[6] == pytest.approx(0.5) and f[10] == 0.0
+    assert turbo_lr_factor(7, 2, 10, "constant") == 1.0
