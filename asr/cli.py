@@ -70,6 +70,12 @@ def _export(args: argparse.Namespace) -> None:
     print(f"exported {args.model} to CTranslate2 -> {path}")
 
 
+def _run(args: argparse.Namespace) -> None:
+    from asr.pipeline import run_pipeline
+
+    run_pipeline(Path(args.recipe), args.overrides, Path(args.run_dir) if args.run_dir else None, args.nproc)
+
+
 def _demo(args: argparse.Namespace) -> None:
     """Until recipes land: build the synthetic test split and benchmark the registry teachers on it."""
     from asr.bench.run import run_bench
@@ -135,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--quantization", help="ctranslate2 quantization, e.g. int8, float16")
     export.add_argument("--out", required=True)
     export.set_defaults(func=_export)
+
+    run = sub.add_parser("run", help="prune -> recover -> benchmark every checkpoint -> report")
+    run.add_argument("recipe", help="recipe YAML")
+    run.add_argument("overrides", nargs="*", help="dotted key=value, e.g. optim.lr=3e-5")
+    run.add_argument("--nproc", type=int, help="processes on this machine (default: train.nproc)")
+    run.add_argument("--run-dir", help="default: runs/<recipe>-<time>, or the unfinished run of the same recipe")
+    run.set_defaults(func=_run)
 
     demo = sub.add_parser("demo", help="the embedded default job")
     demo.add_argument("--out", default="runs/demo")

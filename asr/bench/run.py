@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from asr.bench.engines import HfEngine
 from asr.bench.latency import measure_latency
-from asr.bench.physics import predicted_decoder_ratio
+from asr.bench.physics import decoder_weights_per_token
 from asr.bench.repetition import repetition_rate
 from asr.bench.report import log_to_wandb, markdown_table, plot_wer_vs_latency
 from asr.bench.transcribe import transcribe
@@ -109,7 +109,8 @@ def bench_one(engine, processor, model, label: str, samples, opts: BenchOptions,
         record["latency"], _ = measure_latency(engine, processor, timed, opts.warmup, opts.max_new_tokens,
                                                progress=bar.update)
     record.update(params=sum(p.numel() for p in model.parameters()), encoder_layers=model.config.encoder_layers,
-                  decoder_layers=model.config.decoder_layers, engine=opts.engine)
+                  decoder_layers=model.config.decoder_layers, engine=opts.engine,
+                  decoder_weights_per_token=decoder_weights_per_token(model.config))
     if opts.streaming:
         from asr.bench.streaming import simulate_streaming
 
@@ -118,7 +119,7 @@ def bench_one(engine, processor, model, label: str, samples, opts: BenchOptions,
     return record
 
 
-def add_ratios(records: list[dict], teachers: dict[str, str], configs: dict[str, object]) -> None:
+def add_ratios(records: list[dict], teachers: dict[str, str]) -> None:
     """Measured and predicted decoder ms/token relative to each model's teacher on the same dataset."""
     by_key = {(r["model"], r["dataset"]): r for r in records}
     for r in records:
@@ -126,7 +127,7 @@ def add_ratios(records: list[dict], teachers: dict[str, str], configs: dict[str,
         r["teacher"] = teachers[r["model"]]
         if teacher is None:
             continue
-        r["predicted_decoder_ratio"] = predicted_decoder_ratio(configs[r["model"]], configs[r["teacher"]])
+        r["predicted_decoder_ratio"] = r["decoder_weights_per_token"] / teacher["decoder_weights_per_token"]
         r["measured_decoder_ratio"] = (r["latency"]["decoder_ms_per_token_p50"]
                                        / teacher["latency"]["decoder_ms_per_token_p50"])
 
@@ -142,10 +143,9 @@ def run_bench(models: Sequence[str], datasets: Sequence[str], out_dir: Path, opt
         print(f"{label}: {len(samples)} clips; {stats.summary()}")
     labels = [model_label(m) for m in models]
     teachers = {model_label(m): model_label(teacher_of(m, models)) for m in models}
-    records, configs = [], {}
+    records = []
     for ref in models:
         engine, processor, model = load_engine(ref, opts.engine)
-        configs[engine.name] = model.config
         for label, samples, _ in loaded:
             records.append(bench_one(engine, processor, model, label, samples, opts, out_dir))
         if opts.assistant is not None and engine.name == teachers[engine.name]:
@@ -156,7 +156,7 @@ def run_bench(models: Sequence[str], datasets: Sequence[str], out_dir: Path, opt
                 record["speculative"] = speculative_check(model, load_whisper(opts.assistant), processor,
                                                           samples[:opts.latency_clips], opts.max_new_tokens)
         del engine, model
-    add_ratios(records, teachers, configs)
+    add_ratios(records, teachers)
     (out_dir / "bench.json").write_text(json.dumps(records, indent=2))
     (out_dir / "bench-options.json").write_text(json.dumps(asdict(opts), indent=2))
     table = markdown_table(records)

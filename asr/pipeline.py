@@ -1,0 +1,128 @@
+"""`asr run`: prune → recover (launching the distributed engine) → benchmark each checkpoint → report.
+
+A run directory holds everything: the resolved recipe, versions and git commit, the pruned student,
+checkpoints, bench results, the W&B folder, report.md/report.png and the final student in `final/`.
+Re-running the same command resumes the newest unfinished run of the same resolved recipe.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from asr.config import Recipe, SynthConfig, load_recipe, recipe_to_dict
+from asr.errors import AsrError
+from asr.models.registry import cache_dir
+
+PACKAGES = ("asr-distill", "torch", "transformers", "deepspeed", "datasets", "jiwer", "wandb", "ctranslate2")
+
+
+def synth_dataset(spec: SynthConfig) -> str:
+    """Build (once, cached) a synthetic split and return its directory."""
+    from asr.data.synth import build_corpus
+
+    name = f"{spec.split}-n{spec.num}-s{spec.seed}-{'-'.join(spec.languages)}"
+    out = cache_dir() / "synth" / name
+    if not (out / "metadata.csv").is_file() or len((out / "metadata.csv").read_text().splitlines()) <= spec.num:
+        build_corpus(out, split=spec.split, num=spec.num, seed=spec.seed, languages=tuple(spec.languages))
+    return str(out)
+
+
+def resolve_data(recipe: Recipe) -> Recipe:
+    """Replace synthetic data specs by the directories they build, so the run directory names real paths."""
+    data = recipe.data
+    train = data.train + ([synth_dataset(data.synth_train)] if data.synth_train else [])
+    evals = data.eval + ([synth_dataset(data.synth_eval)] if data.synth_eval else [])
+    if not train:
+        raise AsrError("data.train is empty: name an audiofolder or hub dataset, or set data.synth_train")
+    if not evals:
+        raise AsrError("data.eval is empty: name an audiofolder or hub dataset, or set data.synth_eval")
+    return dataclasses.replace(recipe, data=dataclasses.replace(data, train=train, eval=evals,
+                                                                synth_train=None, synth_eval=None))
+
+
+def versions() -> dict:
+    """Package versions and the git commit of the code that ran."""
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out["git_commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                                           text=True, timeout=10).stdout.strip() or None
+        out["git_dirty"] = bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain"],
+                                               capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        out["git_commit"] = None
+    return out
+
+
+def find_resumable(recipe: Recipe, runs_root: Path) -> Path | None:
+    """The newest unfinished run directory of this exact resolved recipe."""
+    wanted = recipe_to_dict(recipe)
+    for candidate in sorted(runs_root.glob(f"{recipe.name}-*"), reverse=True):
+        stored = candidate / "recipe.yaml"
+        if stored.is_file() and not (candidate / "report.md").is_file():
+            if recipe_to_dict(load_recipe(stored)) == wanted:
+                return candidate
+    return None
+
+
+def prepare_run(recipe_path: Path, overrides: list[str], run_dir: Path | None) -> tuple[Recipe, Path]:
+    """Validate the recipe (before any work), pick or create the run directory, write recipe and versions."""
+    recipe = load_recipe(recipe_path, overrides)
+    if run_dir is not None and (run_dir / "recipe.yaml").is_file():
+        stored = load_recipe(run_dir / "recipe.yaml")
+        if overrides or recipe_path != run_dir / "recipe.yaml":
+            if recipe_to_dict(resolve_data(recipe)) != recipe_to_dict(stored):
+                raise AsrError(f"{run_dir} already holds a different recipe; use a new --run-dir or no overrides")
+        return stored, run_dir
+    recipe = resolve_data(recipe)
+    if run_dir is None:
+        run_dir = find_resumable(recipe, Path("runs"))
+        if run_dir is not None:
+            print(f"resuming {run_dir}")
+            return recipe, run_dir
+        run_dir = Path("runs") / f"{recipe.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    (run_dir / "versions.json").write_text(json.dumps(versions(), indent=2))
+    return recipe, run_dir
+
+
+def prune_student(recipe: Recipe, run_dir: Path) -> None:
+    """Write RUN/student (once)."""
+    from asr.models.prune import prune_to_directory
+
+    if (run_dir / "student" / "pruning.json").is_file():
+        return
+    p = recipe.prune
+    report = prune_to_directory(recipe.teacher, run_dir / "student", decoder_keep=p.keep, num_layers=p.num_layers,
+                                strategy=p.strategy, encoder_keep=p.encoder_keep)
+    print(f"pruned {recipe.teacher}: decoder layers {report['decoder_keep']} "
+          f"({report['student_params'] / 1e6:.1f}M params)")
+
+
+def run_pipeline(recipe_path: Path, overrides: list[str], run_dir: Path | None, nproc: int | None) -> Path:
+    """The whole pipeline; every stage skips what an earlier attempt already finished."""
+    from asr.report import write_report
+    from asr.train.launch import launch_training
+
+    recipe, run_dir = prepare_run(recipe_path, overrides, run_dir)
+    print(f"run directory: {run_dir}")
+    prune_student(recipe, run_dir)
+    code = launch_training(run_dir, nproc or recipe.train.nproc)
+    if code != 0:
+        raise AsrError(f"training failed (exit code {code}); see the log above, then re-run the same command "
+                       "to resume from the last checkpoint")
+    report = write_report(run_dir)
+    print(report)
+    return run_dir

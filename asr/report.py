@@ -1,0 +1,61 @@
+"""The run report: WER/CER and latency per checkpoint against the teacher and the pruned-untrained student."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from asr.bench.report import markdown_table
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def plot_report(records: list[dict], history: list[dict], path: Path) -> None:
+    """Left: WER vs decoder ms/token for teacher, untrained student and every checkpoint. Right: loss curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in records:
+        x, y = r.get("latency", {}).get("decoder_ms_per_token_p50"), r.get("wer")
+        if x is None or y is None:
+            continue
+        style = {"teacher": ("*", "crimson", 240), "pruned-untrained": ("X", "gray", 120)}.get(
+            r["model"], ("o", "steelblue", 60))
+        left.scatter(x, 100 * y, marker=style[0], color=style[1], s=style[2], zorder=3)
+        left.annotate(r["model"], (x, 100 * y), textcoords="offset points", xytext=(5, 3), fontsize=7)
+    left.set(xlabel="decoder ms per token (p50, batch 1)", ylabel="WER (%)", yscale="symlog",
+             title="WER vs decoder latency")
+    left.grid(alpha=0.3)
+    for key in ("loss", "ce", "kl"):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if points:
+            right.plot(*zip(*points), label=key)
+    right.set(xlabel="step", ylabel="loss", yscale="log", title="training loss")
+    right.legend()
+    right.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(run_dir: Path) -> str:
+    """Write RUN/report.md and RUN/report.png; return the markdown."""
+    records = _read_jsonl(run_dir / "bench" / "checkpoints.jsonl")
+    history = _read_jsonl(run_dir / "metrics.jsonl")
+    summary = json.loads((run_dir / "train-summary.json").read_text()) if (run_dir / "train-summary.json").is_file() else {}
+    from asr.bench.run import add_ratios
+
+    add_ratios(records, {r["model"]: "teacher" for r in records})
+    final = (run_dir / "final" / "SOURCE").read_text().strip() if (run_dir / "final" / "SOURCE").is_file() else "-"
+    text = (f"# Run {run_dir.name}\n\n{markdown_table(records)}\n"
+            f"Final student: `{run_dir / 'final'}` = {final}.\n"
+            f"Training: {summary.get('steps', 0)} steps, {summary.get('skipped_nonfinite_steps', 0)} skipped "
+            f"(non-finite loss); samples skipped on rank 0: {summary.get('skipped_samples_rank0') or 'none'}.\n\n"
+            f"![report](report.png)\n")
+    plot_report(records, history, run_dir / "report.png")
+    (run_dir / "report.md").write_text(text)
+    return text

@@ -1,0 +1,126 @@
+"""Checkpoints that are never half-written: DeepSpeed state for exact resume plus a consolidated HF student.
+
+Layout: `RUN/checkpoints/step-000050/{ds/, hf/, state.json, COMPLETE}` and `RUN/checkpoints/latest` (a file
+naming the newest complete checkpoint). Everything is written under `step-000050.tmp` and renamed after
+`COMPLETE` (file list and sizes) is fsynced; a checkpoint without a matching COMPLETE is never loaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from asr.errors import AsrError
+
+COMPLETE = "COMPLETE"
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:06d}"
+
+
+def _fsync_tree(path: Path) -> dict[str, int]:
+    sizes = {}
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+        sizes[str(f.relative_to(path))] = f.stat().st_size
+    return sizes
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def is_complete(ckpt: Path) -> bool:
+    """True when every file listed in COMPLETE exists with its recorded size."""
+    marker = ckpt / COMPLETE
+    if not marker.is_file():
+        return False
+    try:
+        sizes = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    return all((ckpt / name).is_file() and (ckpt / name).stat().st_size == size for name, size in sizes.items())
+
+
+def consolidated_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
+    """Full student weights (frozen ones included) on rank 0; ZeRO-3 gathers partitions first."""
+    import deepspeed
+    import torch.distributed as dist
+
+    module = engine.module
+    if zero_stage == 3:
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()} \
+                if dist.get_rank() == 0 else None
+        return state
+    if dist.get_rank() != 0:
+        return None
+    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(engine, root: Path, step: int, client_state: dict, zero_stage: int, processor) -> Path:
+    """Collective: every rank writes its DeepSpeed shard; rank 0 adds the HF student, seals and renames."""
+    import torch.distributed as dist
+
+    final = step_dir(root, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    engine.save_checkpoint(str(tmp), tag="ds", client_state=client_state, save_latest=False)
+    state = consolidated_state_dict(engine, zero_stage)
+    if dist.get_rank() == 0:
+        engine.module.save_pretrained(tmp / "hf", state_dict=state)
+        processor.tokenizer.save_pretrained(tmp / "hf")
+        processor.feature_extractor.save_pretrained(tmp / "hf")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **{k: v for k, v in client_state.items()
+                                                                     if k in ("losses",)}}))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        _write_atomic(tmp / COMPLETE, json.dumps(_fsync_tree(tmp)))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _write_atomic(root / "latest", final.name)
+    dist.barrier()
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """Newest complete checkpoint: the `latest` pointer if valid, else the highest complete step."""
+    pointer = root / "latest"
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if is_complete(candidate):
+            return candidate
+    complete = sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp") and is_complete(p))
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(engine, ckpt: Path) -> dict:
+    """Restore engine, optimizer, scheduler and return the client state saved with them."""
+    if not is_complete(ckpt):
+        raise AsrError(f"{ckpt}: checkpoint is incomplete or truncated; delete it to resume from an earlier one")
+    _, client_state = engine.load_checkpoint(str(ckpt), tag="ds", load_module_strict=True)
+    if client_state is None:
+        raise AsrError(f"{ckpt}: DeepSpeed could not load this checkpoint; delete it to resume from an earlier one")
+    return client_state
+
+
+def prune_checkpoints(root: Path, keep_last: int, best: Path | None) -> None:
+    """Delete old checkpoints, keeping the newest `keep_last` and the best by WER."""
+    complete = sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp"))
+    for old in complete[:-keep_last] if keep_last > 0 else complete:
+        if best is None or old.resolve() != best.resolve():
+            shutil.rmtree(old, ignore_errors=True)

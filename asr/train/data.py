@@ -1,0 +1,108 @@
+"""Training data per rank: a shard of the datasets, encoded once, optionally with cached encoder states.
+
+The order is a pure function of (seed, rank, step), so a resumed run sees exactly the batches the
+uninterrupted run would have seen. With a frozen encoder shared by teacher and student, encoder states are
+computed once per clip (fp16, on disk in the run directory) and reused every epoch.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from asr.data.features import Encoded, WhisperCollator, encode_sample
+from asr.data.loading import DatasetRef, SkipStats, iter_samples, open_dataset
+
+
+def load_shard(datasets: Sequence[str], processor, generation_config, rank: int, world: int,
+               max_label_tokens: int, limit: int | None, language: str, stats: SkipStats) -> list[Encoded]:
+    """This rank's share of every training dataset, as encoded examples (bad samples skipped and counted)."""
+    from datasets.distributed import split_dataset_by_node
+
+    examples: list[Encoded] = []
+    for ref in datasets:
+        ds = split_dataset_by_node(open_dataset(DatasetRef.parse(ref)), rank=rank, world_size=world)
+        per_rank = None if limit is None else -(-limit // world)
+        for sample in tqdm(iter_samples(ds, stats, default_language=language, limit=per_rank),
+                           desc=f"rank {rank}: encoding {DatasetRef.parse(ref).label}", unit="clip",
+                           disable=rank != 0):
+            encoded = encode_sample(sample, processor, generation_config, max_label_tokens)
+            if encoded is None:
+                stats.skip("transcript too long", sample.id)
+            else:
+                examples.append(encoded)
+    return examples
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int) -> list[int]:
+    """Indices of this rank's batch at `step`: epochs are fresh permutations, deterministic per (seed, rank)."""
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = np.random.default_rng([seed, rank, epoch]).permutation(n)
+        out.extend(perm[offset:offset + batch_size - len(out)].tolist())
+    return out
+
+
+@dataclass
+class TrainBatches:
+    """Collated batches for any step, with `encoder_states` in place of features when cached."""
+
+    examples: list[Encoded]
+    collator: WhisperCollator
+    batch_size: int
+    seed: int
+    rank: int
+    encoder_states: torch.Tensor | None = None  # [N, frames, d_model] fp16
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        idx = batch_indices(step, len(self.examples), self.batch_size, self.seed, self.rank)
+        batch = self.collator([self.examples[i] for i in idx])
+        if self.encoder_states is not None:
+            del batch["input_features"]
+            batch["encoder_states"] = self.encoder_states[idx]
+        return batch
+
+
+def _cache_key(examples: Sequence[Encoded], encoder) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(e.id.encode())
+        h.update(e.input_features[:, :50].tobytes())
+    for p in list(encoder.parameters())[:4]:
+        h.update(p.detach().float().numpy().tobytes()[:4096])
+    return h.hexdigest()[:16]
+
+
+@torch.inference_mode()
+def cache_encoder_states(examples: Sequence[Encoded], encoder, cache_file: Path, batch_size: int = 8,
+                         show_progress: bool = True) -> torch.Tensor:
+    """Encoder states of every example, computed once and kept on disk (fp16) keyed on data and weights."""
+    from safetensors.torch import load_file, save_file
+
+    key = _cache_key(examples, encoder)
+    if cache_file.is_file():
+        stored = load_file(cache_file)
+        if stored.get("key") is not None and bytes(stored["key"].tolist()).decode() == key:
+            return stored["states"]
+    dtype = next(encoder.parameters()).dtype
+    chunks = []
+    for start in tqdm(range(0, len(examples), batch_size), desc="caching encoder states", unit="batch",
+                      disable=not show_progress):
+        feats = torch.from_numpy(np.stack([e.input_features for e in examples[start:start + batch_size]]))
+        chunks.append(encoder(feats.to(dtype)).last_hidden_state.to(torch.float16))
+    states = torch.cat(chunks)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(".tmp")
+    save_file({"states": states.contiguous(), "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, tmp)
+    tmp.rename(cache_file)
+    return states

@@ -1,0 +1,90 @@
+"""DeepSpeed set-up: process group (NCCL on GPUs, gloo on CPU), the ZeRO config from the recipe, torch AdamW."""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+
+from asr.config import OptimConfig, TrainConfig
+from asr.train.objectives import turbo_lr_factor
+
+
+@dataclass
+class Dist:
+    """Where this process sits: global rank, world size, local rank, device."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(threads_per_proc: int | None = None) -> Dist:
+    """Join the process group started by torchrun/deepspeed (or a world of one) and pick the device."""
+    import deepspeed
+    import torch.distributed as dist
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    else:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        torch.set_num_threads(threads_per_proc or max(1, (os.cpu_count() or 1) // local_world))
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, device=device)
+
+
+def use_bf16(setting: str) -> bool:
+    """bf16 'auto' = on where the hardware has native bf16 (CUDA with bf16 support)."""
+    if setting == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return setting == "on"
+
+
+def deepspeed_config(train: TrainConfig, optim: OptimConfig) -> dict:
+    """The DeepSpeed JSON config a recipe implies; `train.deepspeed` is merged in last (it wins)."""
+    config = {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": use_bf16(train.bf16)},
+        "steps_per_print": 10**9,
+        "zero_allow_untested_optimizer": True,
+    }
+    return _merge(config, train.deepspeed)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def build_engine(student, train: TrainConfig, optim: OptimConfig):
+    """Wrap the student in a DeepSpeed engine with torch AdamW (no op compilation) on trainable params only."""
+    import deepspeed
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: turbo_lr_factor(step, optim.warmup_steps, train.max_steps, optim.schedule))
+    config = deepspeed_config(train, optim)
+    engine, _, _, _ = deepspeed.initialize(model=student, model_parameters=params, optimizer=optimizer,
+                                           lr_scheduler=scheduler, config=config)
+    return engine

@@ -1,0 +1,104 @@
+"""Benchmark every saved student on the recipe's eval sets (rank 0), keep the table, pick the best."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from asr.bench.engines import HfEngine
+from asr.bench.report import log_to_wandb, markdown_table, plot_wer_vs_latency
+from asr.bench.run import BenchOptions, add_ratios, bench_one, load_eval_samples
+from asr.config import Recipe
+from asr.models.loading import load_processor, load_whisper
+
+
+class CheckpointBench:
+    """Appends one record per (checkpoint, eval set) to RUN/bench/checkpoints.jsonl and redraws the table."""
+
+    def __init__(self, run_dir: Path, recipe: Recipe):
+        e = recipe.eval
+        self.recipe, self.out = recipe, run_dir / "bench"
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.file = self.out / "checkpoints.jsonl"
+        self.opts = BenchOptions(limit=e.limit, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                                 latency_clips=e.latency_clips, warmup=e.warmup)
+        self.datasets = [load_eval_samples(d, e.limit) for d in recipe.data.eval]
+        self.run_dir = run_dir
+
+    def records(self) -> list[dict]:
+        if not self.file.is_file():
+            return []
+        return [json.loads(line) for line in self.file.read_text().splitlines() if line.strip()]
+
+    def _bench(self, model_dir: str, name: str, step: int | None) -> list[dict]:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.opts.threads)  # the other ranks wait at a barrier meanwhile
+        try:
+            model, processor = load_whisper(model_dir), load_processor(model_dir)
+            engine = HfEngine(model, name)
+            rows = []
+            for label, samples, _ in self.datasets:
+                record = bench_one(engine, processor, model, label, samples, self.opts, self.out)
+                record.update(step=step, path=model_dir)
+                rows.append(record)
+        finally:
+            torch.set_num_threads(threads)
+        with open(self.file, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        self.redraw()
+        return rows
+
+    def baselines(self) -> None:
+        """The teacher and the pruned, untrained student: the two ends of the recovery."""
+        done = {r["model"] for r in self.records()}
+        if "teacher" not in done:
+            self._bench(self.recipe.teacher, "teacher", None)
+        if "pruned-untrained" not in done:
+            self._bench(str(self.run_dir / "student"), "pruned-untrained", 0)
+
+    def checkpoint(self, hf_dir: Path, step: int) -> dict:
+        rows = self._bench(str(hf_dir), f"step-{step}", step)
+        return {"wer": _mean(rows, "wer"), "cer": _mean(rows, "cer"), "repetition_rate": _mean(rows, "repetition_rate"),
+                "latency": rows[0]["latency"]}
+
+    def best_checkpoint(self, ckpt_root: Path) -> Path | None:
+        """The existing checkpoint with the lowest mean WER over the eval sets."""
+        by_step: dict[int, list[dict]] = {}
+        for r in self.records():
+            if r["model"].startswith("step-"):
+                by_step.setdefault(r["step"], []).append(r)
+        ranked = sorted(by_step, key=lambda s: (_mean(by_step[s], "wer"), -s))
+        for step in ranked:
+            path = ckpt_root / f"step-{step:06d}"
+            if path.is_dir():
+                return path
+        return None
+
+    def redraw(self) -> None:
+        records = self.records()
+        teachers = {r["model"]: "teacher" for r in records}
+        add_ratios(records, teachers)
+        (self.out / "checkpoints.md").write_text(markdown_table(records))
+        plot_wer_vs_latency(records, {"teacher"}, self.out / "checkpoints.png")
+
+    def finalize(self, ckpt_root: Path) -> Path | None:
+        """Copy the best checkpoint's student to RUN/final and log the table."""
+        best = self.best_checkpoint(ckpt_root)
+        if best is None:
+            return None
+        final = self.run_dir / "final"
+        tmp = final.with_name("final.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(best / "hf", tmp)
+        (tmp / "SOURCE").write_text(f"{best.name} (lowest WER on {', '.join(self.recipe.data.eval)})\n")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        log_to_wandb(self.records())
+        return final
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return sum(values) / len(values) if values else float("inf")

@@ -1,0 +1,28 @@
+"""Start the per-rank processes of a recovery run on this machine (torchrun, one process per device)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def training_env() -> dict[str, str]:
+    """Environment for ranks: compiled DeepSpeed ops cached in the venv, hub offline unless the user says so."""
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    # the venv's ninja first: a different ninja changes the build command and recompiles DeepSpeed's ops
+    env["PATH"] = f"{Path(sys.prefix) / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("HF_DATASETS_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("WANDB_SILENT", "true")
+    return env
+
+
+def launch_training(run_dir: Path, nproc: int) -> int:
+    """Run `asr.train.main` on `nproc` local processes; returns the launcher's exit code."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "asr.train.main", str(run_dir)]
+    print("launching:", " ".join(cmd), flush=True)
+    return subprocess.run(cmd, env=training_env()).returncode

@@ -1,0 +1,227 @@
+"""The recovery loop: one DeepSpeed engine around the student, an optional frozen teacher, checkpoints, bench.
+
+Per step each rank takes its batch (a pure function of seed, rank and step), runs the student decoder on
+shared encoder states (cached, or computed once for both models), the teacher decoder without gradients,
+and steps the engine. NaN/inf losses are skipped on every rank together and counted.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from asr.config import Recipe, recipe_to_dict
+from asr.data.features import WhisperCollator
+from asr.data.loading import SkipStats
+from asr.errors import AsrError
+from asr.models.loading import load_processor, load_whisper
+from asr.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from asr.train.data import TrainBatches, cache_encoder_states, load_shard
+from asr.train.engine import Dist, build_engine, init_distributed, use_bf16
+from asr.train.evaluate import CheckpointBench
+from asr.train.objectives import ce_loss, kd_loss
+from asr.train.tracking import Tracker
+
+
+def check_compatible(student, teacher, student_ref: str, teacher_ref: str) -> None:
+    """KD compares distributions token by token: the vocabularies must be the same."""
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise AsrError(f"student {student_ref} has {student.config.vocab_size} tokens but teacher {teacher_ref} has "
+                       f"{teacher.config.vocab_size}; distil from a teacher with the same tokenizer")
+
+
+def encoders_equal(a, b) -> bool:
+    """Teacher and student share an encoder when its weights are identical (then it runs once for both)."""
+    sa, sb = a.model.encoder.state_dict(), b.model.encoder.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@dataclass
+class Trainer:
+    """Everything one rank needs to run, checkpoint and resume a recovery run."""
+
+    run_dir: Path
+    recipe: Recipe
+    dist: Dist = field(init=False)
+
+    def __post_init__(self) -> None:
+        r = self.recipe
+        self.dist = init_distributed(r.train.threads_per_proc)
+        seed = r.train.seed + self.dist.rank
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        student_dir = self.run_dir / "student"
+        self.processor = load_processor(str(student_dir))
+        student = load_whisper(str(student_dir))
+        self.teacher = None
+        if r.objective.method == "kd":
+            self.teacher = load_whisper(r.teacher)
+            check_compatible(student, self.teacher, str(student_dir), r.teacher)
+            self.teacher.requires_grad_(False)
+        if r.train.freeze_encoder:
+            student.model.encoder.requires_grad_(False)
+        self.shared_encoder = r.train.freeze_encoder and (self.teacher is None or encoders_equal(student, self.teacher))
+        self.stats = SkipStats()
+        examples = load_shard(r.data.train, self.processor, student.generation_config, self.dist.rank,
+                              self.dist.world, r.data.max_label_tokens, r.data.train_limit, r.data.language,
+                              self.stats)
+        counts = torch.tensor([len(examples)], dtype=torch.long)
+        dist.all_reduce(counts, op=dist.ReduceOp.MIN)
+        if counts.item() == 0:
+            raise AsrError(f"a rank got no usable training samples from {r.data.train} ({self.stats.summary()}); "
+                           "add data or use fewer processes")
+        states = None
+        if r.train.cache_encoder and self.shared_encoder:
+            cache = self.run_dir / "cache" / f"encoder-rank{self.dist.rank}-of{self.dist.world}.safetensors"
+            states = cache_encoder_states(examples, student.model.encoder, cache, show_progress=self.dist.is_main)
+            for e in examples:
+                e.input_features = e.input_features[:, :0]  # features are no longer needed: free the memory
+        self.batches = TrainBatches(examples, WhisperCollator(student.generation_config.pad_token_id),
+                                    r.train.batch_size, r.train.seed, self.dist.rank, states)
+        self.bf16 = use_bf16(r.train.bf16)
+        if self.teacher is not None:
+            self.teacher.to(self.dist.device, torch.bfloat16 if self.bf16 else torch.float32)
+        self.engine = build_engine(student, r.train, r.optim)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.tracker = Tracker(self.run_dir, recipe_to_dict(r), r.tracking.project, r.tracking.mode,
+                               r.tracking.wandb and self.dist.is_main, self.run_dir.name)
+        self.bench = CheckpointBench(self.run_dir, r) if self.dist.is_main else None
+
+    # --- one step --------------------------------------------------------------------------------------
+    def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Loss parts for one micro-batch."""
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        dev = self.dist.device
+        decoder = {"decoder_input_ids": batch["decoder_input_ids"].to(dev),
+                   "decoder_attention_mask": batch["decoder_attention_mask"].to(dev)}
+        labels = batch["labels"].to(dev)
+        if "encoder_states" in batch:
+            encoder_states = batch["encoder_states"].to(dev, dtype)
+            out = self.engine(encoder_outputs=(encoder_states,), **decoder)
+        else:
+            out = self.engine(input_features=batch["input_features"].to(dev, dtype), **decoder)
+            encoder_states = out.encoder_last_hidden_state.detach()
+        if self.teacher is None:
+            ce = ce_loss(out.logits, labels)
+            return {"loss": ce, "ce": ce}
+        with torch.no_grad():
+            if self.shared_encoder:
+                teacher_logits = self.teacher(encoder_outputs=(encoder_states,), **decoder).logits
+            else:
+                teacher_logits = self.teacher(input_features=batch["input_features"].to(dev, dtype), **decoder).logits
+        o = self.recipe.objective
+        return kd_loss(out.logits, teacher_logits, labels, o.temperature, o.alpha_kl, o.alpha_ce)
+
+    def all_finite(self, loss: torch.Tensor) -> bool:
+        flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
+        dist.all_reduce(flag)
+        return flag.item() == 0.0
+
+    # --- the run ---------------------------------------------------------------------------------------
+    def resume(self) -> tuple[int, list[dict]]:
+        ckpt = latest_checkpoint(self.ckpt_root)
+        if ckpt is None:
+            return 0, []
+        state = load_checkpoint(self.engine, ckpt)
+        torch.set_rng_state(state["rng"][self.dist.rank]["torch"])
+        np.random.set_state(state["rng"][self.dist.rank]["numpy"])
+        random.setstate(state["rng"][self.dist.rank]["python"])
+        if self.dist.is_main:
+            print(f"resumed from {ckpt} at step {state['step']}", flush=True)
+        return state["step"], state["history"]
+
+    def rng_states(self) -> list[dict]:
+        mine = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        gathered: list = [None] * self.dist.world
+        dist.all_gather_object(gathered, mine)
+        return gathered
+
+    def checkpoint(self, step: int, history: list[dict]) -> None:
+        client = {"step": step, "history": history, "rng": self.rng_states()}
+        ckpt = save_checkpoint(self.engine, self.ckpt_root, step, client, self.recipe.train.zero_stage, self.processor)
+        best = None
+        if self.bench is not None:
+            record = self.bench.checkpoint(ckpt / "hf", step)
+            self.tracker.log({"eval/wer": record["wer"], "eval/cer": record["cer"],
+                              "eval/repetition_rate": record["repetition_rate"],
+                              "eval/decoder_ms_per_token": record["latency"]["decoder_ms_per_token_p50"]}, step)
+            best = self.bench.best_checkpoint(self.ckpt_root)
+            prune_checkpoints(self.ckpt_root, self.recipe.train.keep_last, best)
+        dist.barrier()
+
+    def run(self) -> list[dict]:
+        t = self.recipe.train
+        start, history = self.resume()
+        metrics_file = self.run_dir / "metrics.jsonl"
+        if self.dist.is_main:  # the loss curve up to the checkpoint we resumed from, then appended per step
+            metrics_file.write_text("".join(json.dumps(row) + "\n" for row in history))
+        if start == 0 and self.bench is not None:
+            self.bench.baselines()
+        bad_in_row, skipped, samples, tokens = 0, 0, 0, 0
+        last_log = time.perf_counter()
+        for step in range(start, t.max_steps):
+            parts_sum: dict[str, float] = {}
+            ok = True
+            for micro in range(t.grad_accum):
+                batch = self.batches.batch(step * t.grad_accum + micro)
+                samples += len(batch["labels"]) * self.dist.world
+                tokens += int((batch["labels"] != -100).sum()) * self.dist.world
+                parts = self.losses(batch)
+                if not self.all_finite(parts["loss"]):
+                    ok = False
+                    break
+                self.engine.backward(parts["loss"])
+                self.engine.step()
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v.item() / t.grad_accum
+            if not ok:
+                bad_in_row, skipped = bad_in_row + 1, skipped + 1
+                self.engine.optimizer.zero_grad()
+                if bad_in_row >= t.max_bad_steps:
+                    raise AsrError(f"{bad_in_row} non-finite losses in a row at step {step}; lower optim.lr or "
+                                   "check the data (train.max_bad_steps sets the limit)")
+                continue
+            bad_in_row = 0
+            mean = torch.tensor([parts_sum[k] for k in sorted(parts_sum)])
+            dist.all_reduce(mean)
+            row = {"step": step + 1, **{k: v / self.dist.world for k, v in zip(sorted(parts_sum), mean.tolist())},
+                   "lr": self.engine.get_lr()[0]}
+            history.append(row)
+            if self.dist.is_main:
+                with open(metrics_file, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            if (step + 1) % t.log_every == 0 or step + 1 == t.max_steps:
+                elapsed, last_log = time.perf_counter() - last_log, time.perf_counter()
+                grad_norm = self.engine.get_global_grad_norm()
+                metrics = {**{f"train/{k}": v for k, v in row.items() if k != "step"},
+                           "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
+                           "train/samples_per_s": samples / elapsed, "train/tokens_per_s": tokens / elapsed,
+                           "train/skipped_steps": skipped}
+                self.tracker.log(metrics, step + 1)
+                if self.dist.is_main:
+                    print(f"step {step + 1}/{t.max_steps} " + " ".join(f"{k}={v:.4g}" for k, v in row.items()
+                                                                        if k != "step")
+                          + f" {samples / elapsed:.2f} samples/s", flush=True)
+                samples, tokens = 0, 0
+            if (step + 1) % t.save_every == 0 or step + 1 == t.max_steps:
+                self.checkpoint(step + 1, history)
+        self.finish(history, skipped)
+        return history
+
+    def finish(self, history: list[dict], skipped: int) -> None:
+        if self.dist.is_main:
+            summary = {"steps": len(history), "skipped_nonfinite_steps": skipped,
+                       "skipped_samples_rank0": dict(self.stats.counts), "final_loss": history[-1] if history else None}
+            (self.run_dir / "train-summary.json").write_text(json.dumps(summary, indent=2))
+            if self.bench is not None:
+                self.bench.finalize(self.ckpt_root)
+                self.tracker.log_artifact(self.run_dir / "bench", "bench")
+            self.tracker.finish()
+        dist.barrier()

@@ -1,0 +1,40 @@
+"""Per-rank entry point started by torchrun/deepspeed/srun: `python -m asr.train.main RUN_DIR`."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from asr.errors import AsrError
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="one rank of a recovery run (normally started by `asr run`)")
+    parser.add_argument("run_dir")
+    parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    args = parser.parse_args()
+    from asr.config import load_recipe
+    from asr.train.loop import Trainer
+
+    code = 0
+    try:
+        trainer = Trainer(Path(args.run_dir), load_recipe(Path(args.run_dir) / "recipe.yaml"))
+        trainer.run()
+        trainer.engine.destroy()
+    except AsrError as exc:
+        print(f"error (rank {os.environ.get('RANK', '0')}): {exc}", file=sys.stderr, flush=True)
+        code = 2
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if code == 0:
+            dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # DeepSpeed ZeRO-3 can abort in interpreter teardown after a clean run (stack.md, gotcha 2)
+
+
+if __name__ == "__main__":
+    main()
