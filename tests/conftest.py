@@ -57,3 +57,39 @@ def speech_clips(tmp_path_factory) -> list[SpeechClip]:
             mono = torchaudio.functional.resample(mono, rate, SAMPLE_RATE)
         clips.append(SpeechClip(text=text, voice=f"{engine}:{voice}", audio=mono.numpy()))
     return clips
+
+
+@pytest.fixture(scope="session")
+def speech_folder(speech_clips, tmp_path_factory):
+    """The speech clips as a Hugging Face audiofolder (16 kHz WAV + metadata.csv)."""
+    import csv
+
+    folder = tmp_path_factory.mktemp("speech_folder")
+    with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file_name", "transcription", "language"])
+        for i, clip in enumerate(speech_clips):
+            sf.write(folder / f"clip{i}.wav", clip.audio, SAMPLE_RATE, subtype="PCM_16")
+            writer.writerow([f"clip{i}.wav", clip.text, "en"])
+    return folder
+
+
+@pytest.fixture(scope="session")
+def micro_teacher(tmp_path_factory):
+    """A randomly initialised Whisper with tiny.en's tokenizer and vocabulary but tiny widths: fast to train."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from asr.models.loading import load_processor, load_whisper, save_processor
+
+    real = load_whisper("whisper-tiny.en")
+    config = WhisperConfig(**{**real.config.to_dict(), "d_model": 64, "encoder_layers": 2, "decoder_layers": 4,
+                              "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 128,
+                              "decoder_ffn_dim": 128})
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(config)
+    model.generation_config = real.generation_config
+    model.generation_config.alignment_heads = [[3, 0], [3, 1]]
+    out = tmp_path_factory.mktemp("micro") / "micro-teacher"
+    model.save_pretrained(out)
+    save_processor(load_processor("whisper-tiny.en"), out)
+    return out

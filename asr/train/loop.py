@@ -168,6 +168,7 @@ class Trainer:
         last_log = time.perf_counter()
         for step in range(start, t.max_steps):
             parts_sum: dict[str, float] = {}
+            lr = self.engine.get_lr()[0]  # the LR this step trains with (the scheduler moves it after the step)
             ok = True
             for micro in range(t.grad_accum):
                 batch = self.batches.batch(step * t.grad_accum + micro)
@@ -192,7 +193,7 @@ class Trainer:
             mean = torch.tensor([parts_sum[k] for k in sorted(parts_sum)])
             dist.all_reduce(mean)
             row = {"step": step + 1, **{k: v / self.dist.world for k, v in zip(sorted(parts_sum), mean.tolist())},
-                   "lr": self.engine.get_lr()[0]}
+                   "lr": lr}
             history.append(row)
             if self.dist.is_main:
                 with open(metrics_file, "a") as f:

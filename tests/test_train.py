@@ -1,0 +1,113 @@
+"""Recovery training on a real DeepSpeed engine with 2 processes (gloo on CPU): KD and CE, every ZeRO stage,
+checkpoint → resume gives the same loss curve, consolidated students keep frozen weights, W&B offline logs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from asr.models.loading import load_whisper
+
+FAST_EVAL = {"limit": 2, "batch_size": 2, "max_new_tokens": 6, "latency_clips": 1, "warmup": 0}
+
+
+def write_recipe(path: Path, teacher: str, data: Path, **sections) -> Path:
+    recipe = {"name": "test", "teacher": teacher, "prune": {"keep": [0, 3]},
+              "data": {"train": [str(data)], "eval": [str(data)]},
+              "optim": {"lr": 1e-3}, "eval": FAST_EVAL,
+              "train": {"max_steps": 4, "batch_size": 2, "save_every": 2, "log_every": 1, "nproc": 2, "keep_last": 5}}
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value}
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def asr_run(recipe: Path, run_dir: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "asr", "run", str(recipe), "--run-dir", str(run_dir)],
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    return proc
+
+
+def losses(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_then_resume(tmp_path: Path, teacher: str, data: Path, stop: int, total: int, **sections):
+    """One uninterrupted run and one stopped at `stop` then resumed to `total`; returns both run dirs."""
+    full = tmp_path / "full"
+    asr_run(write_recipe(tmp_path / "full.yaml", teacher, data, **{**sections, "train": {
+        **sections.get("train", {}), "max_steps": total}}), full)
+    split = tmp_path / "split"
+    asr_run(write_recipe(tmp_path / "split.yaml", teacher, data, **{**sections, "train": {
+        **sections.get("train", {}), "max_steps": stop}}), split)
+    stored = yaml.safe_load((split / "recipe.yaml").read_text())
+    stored["train"]["max_steps"] = total
+    (split / "recipe.yaml").write_text(yaml.safe_dump(stored))
+    proc = asr_run(split / "recipe.yaml", split)
+    assert f"resumed from {split / 'checkpoints'}" in proc.stdout
+    return full, split
+
+
+def assert_same_curve(full: Path, split: Path) -> None:
+    a, b = losses(full), losses(split)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "ce"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (key, ra, rb)
+
+
+def test_kd_zero2_real_tiny_en_two_processes_resume_and_wandb(tmp_path, speech_folder):
+    """The real teacher, pruned to decoder layers [0, 3], distilled by 2 ranks under ZeRO-2."""
+    full, split = run_then_resume(tmp_path, "whisper-tiny.en", speech_folder, stop=2, total=4,
+                                  objective={"method": "kd"}, train={"zero_stage": 2})
+    assert_same_curve(full, split)
+    rows = losses(full)
+    assert all(r["kl"] > 0 for r in rows) and rows[-1]["loss"] < rows[0]["loss"]
+    # checkpoints are sealed, the pointer names the newest, and the final student keeps the frozen encoder
+    ckpts = full / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step-000004"
+    assert json.loads((ckpts / "step-000004" / "COMPLETE").read_text())
+    teacher, final = load_whisper("whisper-tiny.en"), load_whisper(str(full / "final"))
+    assert torch.equal(final.model.encoder.layers[0].fc1.weight, teacher.model.encoder.layers[0].fc1.weight)
+    assert not torch.equal(final.model.decoder.layers[1].fc1.weight, teacher.model.decoder.layers[3].fc1.weight)
+    # every checkpoint was benchmarked next to the teacher and the untrained student
+    bench = [json.loads(line) for line in (full / "bench" / "checkpoints.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in bench] == ["teacher", "pruned-untrained", "step-2", "step-4"]
+    assert all(r["n"] == 2 and "decoder_ms_per_token_p50" in r["latency"] for r in bench)
+    report = (full / "report.md").read_text()
+    assert "| step-4 |" in report and (full / "report.png").stat().st_size > 10_000
+    # W&B offline run folder inside the run directory, holding the logged metrics
+    [run_file] = list((full / "wandb").glob("offline-run-*/run-*.wandb"))
+    blob = run_file.read_bytes()
+    assert b"train/loss" in blob and b"train/kl" in blob and b"eval/wer" in blob and b"train/samples_per_s" in blob
+
+
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_zero_stages_save_and_resume(tmp_path, speech_folder, micro_teacher, stage):
+    """Stage 0 (no zero_to_fp32), stage 1 (frozen params dropped by zero_to_fp32) and ZeRO-3 (partitioned)."""
+    full, split = run_then_resume(tmp_path, str(micro_teacher), speech_folder, stop=2, total=3,
+                                  train={"zero_stage": stage, "save_every": 2}, tracking={"wandb": False})
+    assert_same_curve(full, split)
+    teacher, final = load_whisper(str(micro_teacher)), load_whisper(str(full / "final"))
+    for name, param in teacher.model.encoder.state_dict().items():  # frozen weights survive consolidation
+        assert torch.equal(final.model.encoder.state_dict()[name], param), name
+
+
+def test_continued_pretraining_with_unfrozen_encoder(tmp_path, speech_folder, micro_teacher):
+    """CE only (no teacher in the loop), encoder trained too, linear warm-up/decay schedule."""
+    run = tmp_path / "ce"
+    asr_run(write_recipe(tmp_path / "ce.yaml", str(micro_teacher), speech_folder, objective={"method": "ce"},
+                         optim={"lr": 1e-3, "warmup_steps": 1, "schedule": "linear"},
+                         train={"freeze_encoder": False, "cache_encoder": False, "max_steps": 3, "save_every": 3},
+                         tracking={"wandb": False}), run)
+    rows = losses(run)
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3, 1e-3, 0.5e-3])
+    assert all("kl" not in r for r in rows)
+    teacher, final = load_whisper(str(micro_teacher)), load_whisper(str(run / "final"))
+    assert not torch.equal(final.model.encoder.layers[0].fc1.weight, teacher.model.encoder.layers[0].fc1.weight)
