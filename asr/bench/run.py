@@ -22,8 +22,8 @@ from asr.bench.report import log_to_wandb, markdown_table, plot_wer_vs_latency
 from asr.bench.transcribe import transcribe
 from asr.bench.wer import error_rates, normalize
 from asr.data.loading import DatasetRef, SkipStats, iter_samples, open_dataset
+from asr.errors import AsrError
 from asr.models.loading import load_processor, load_whisper
-from asr.models.registry import resolve_model
 
 
 @dataclass
@@ -59,22 +59,30 @@ def model_label(ref: str) -> str:
 
 
 def load_engine(ref: str, engine: str):
-    """(engine, processor, HF model) for a model reference; ct2 exports HF models on the fly (cached)."""
-    model = load_whisper(ref)
-    processor = load_processor(ref)
-    if engine == "hf":
-        return HfEngine(model, model_label(ref)), processor, model
+    """(engine, processor, HF model) for a model reference; ct2 exports HF models on the fly (cached).
+
+    A CTranslate2 directory made by `asr export` is benchmarked as is; its HF source supplies the size figures.
+    """
     if engine == "ct2":
         from asr.bench.ct2_engine import Ct2Engine
+        from asr.models.export import EXPORT_STAMP
 
-        return Ct2Engine.for_model(ref, model_label(ref)), processor, model
-    raise ValueError(f"unknown engine {engine}")
+        stamp = Path(ref) / EXPORT_STAMP
+        source = json.loads(stamp.read_text())["source"] if stamp.is_file() else ref
+        if (Path(ref) / "model.bin").is_file() and not stamp.is_file():
+            raise AsrError(f"{ref}: CTranslate2 directory without {EXPORT_STAMP}; make it with `asr export`")
+        model = load_whisper(source)
+        return Ct2Engine.for_model(ref, model_label(ref)), load_processor(source), model
+    if engine != "hf":
+        raise AsrError(f"unknown engine '{engine}'; choose hf or ct2")
+    model = load_whisper(ref)
+    return HfEngine(model, model_label(ref)), load_processor(ref), model
 
 
 def teacher_of(ref: str, models: Sequence[str]) -> str:
     """The teacher a model is compared against: its pruning.json teacher if benchmarked, else the first model."""
-    pruning = Path(resolve_model(ref)) / "pruning.json" if Path(ref).exists() else None
-    if pruning is not None and pruning.is_file():
+    pruning = Path(ref) / "pruning.json"
+    if pruning.is_file():
         teacher = json.loads(pruning.read_text())["teacher"]
         if teacher in models:
             return teacher

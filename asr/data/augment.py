@@ -83,32 +83,28 @@ def random_augment(audio: np.ndarray, sample_rate: int, rng: np.random.Generator
     """Apply a random chain of effects drawn from `policy` (the yaml `augment` block); returns the audio
     and a description such as `speed=0.94 reverb=0.41s noise=pink@12.3dB`."""
     done: list[str] = []
-
-    def chosen(name: str) -> dict[str, Any] | None:
-        cfg = policy.get(name)
-        return cfg if cfg and rng.random() < cfg.get("p", 0.0) else None
-
-    if cfg := chosen("speed"):
-        factor = round(float(rng.uniform(*cfg["factor"])), 2)
+    order = ("speed", "pitch", "reverb", "noise", "telephone")
+    picked = {name for name in order if policy.get(name) and rng.random() < policy[name].get("p", 0.0)}
+    if not picked and policy.get("noise"):
+        picked = {"noise"}  # an augmented clip gets at least one effect
+    if "speed" in picked:
+        factor = round(float(rng.uniform(*policy["speed"]["factor"])), 2)
         audio = change_speed(audio, sample_rate, factor)
         done.append(f"speed={factor:.2f}")
-    if cfg := chosen("pitch"):
-        semitones = float(rng.uniform(*cfg["semitones"]))
+    if "pitch" in picked:
+        semitones = float(rng.uniform(*policy["pitch"]["semitones"]))
         audio = shift_pitch(audio, sample_rate, semitones)
         done.append(f"pitch={semitones:+.2f}st")
-    if cfg := chosen("reverb"):
-        rt60, wet = float(rng.uniform(*cfg["rt60_s"])), float(rng.uniform(*cfg["wet"]))
+    if "reverb" in picked:
+        rt60, wet = float(rng.uniform(*policy["reverb"]["rt60_s"])), float(rng.uniform(*policy["reverb"]["wet"]))
         audio = reverb(audio, sample_rate, rt60, wet, rng)
         done.append(f"reverb={rt60:.2f}s/{wet:.2f}")
-    noise_cfg = chosen("noise")
-    if noise_cfg is None and not done and "telephone" not in policy:
-        noise_cfg = policy.get("noise")  # an augmented clip gets at least one effect
-    if noise_cfg:
-        color = str(rng.choice(noise_cfg["colors"]))
-        snr = float(rng.uniform(*noise_cfg["snr_db"]))
+    if "noise" in picked:
+        color = str(rng.choice(policy["noise"]["colors"]))
+        snr = float(rng.uniform(*policy["noise"]["snr_db"]))
         audio = add_noise(audio, snr, color, rng)
         done.append(f"noise={color}@{snr:.1f}dB")
-    if chosen("telephone") or (not done and "telephone" in policy):
+    if "telephone" in picked:
         audio = telephone(audio, sample_rate)
         done.append("telephone")
     peak = float(np.max(np.abs(audio))) if audio.size else 0.0

