@@ -73,7 +73,8 @@ def _export(args: argparse.Namespace) -> None:
 def _run(args: argparse.Namespace) -> None:
     from asr.pipeline import run_pipeline
 
-    run_pipeline(Path(args.recipe), args.overrides, Path(args.run_dir) if args.run_dir else None, args.nproc)
+    run_pipeline(Path(args.recipe), args.overrides, Path(args.run_dir) if args.run_dir else None, args.nproc,
+                 args.stage)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -147,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="dotted key=value, e.g. optim.lr=3e-5")
     run.add_argument("--nproc", type=int, help="processes on this machine (default: train.nproc)")
     run.add_argument("--run-dir", help="default: runs/<recipe>-<time>, or the unfinished run of the same recipe")
+    run.add_argument("--stage", choices=["all", "prepare", "train", "report"], default="all",
+                     help="run one stage only (Slurm jobs): prepare = data + prune, train, report")
     run.set_defaults(func=_run)
 
     demo = sub.add_parser("demo", help="the embedded default job")

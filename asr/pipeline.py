@@ -111,18 +111,28 @@ def prune_student(recipe: Recipe, run_dir: Path) -> None:
           f"({report['student_params'] / 1e6:.1f}M params)")
 
 
-def run_pipeline(recipe_path: Path, overrides: list[str], run_dir: Path | None, nproc: int | None) -> Path:
-    """The whole pipeline; every stage skips what an earlier attempt already finished."""
+STAGES = ("all", "prepare", "train", "report")
+
+
+def run_pipeline(recipe_path: Path, overrides: list[str], run_dir: Path | None, nproc: int | None,
+                 stage: str = "all") -> Path:
+    """The whole pipeline, or one stage of it (Slurm runs them as dependent jobs); finished work is skipped."""
     from asr.report import write_report
     from asr.train.launch import launch_training
+    from asr.train.loop import PREEMPTED
 
     recipe, run_dir = prepare_run(recipe_path, overrides, run_dir)
     print(f"run directory: {run_dir}")
-    prune_student(recipe, run_dir)
-    code = launch_training(run_dir, nproc or recipe.train.nproc)
-    if code != 0:
-        raise AsrError(f"training failed (exit code {code}); see the log above, then re-run the same command "
-                       "to resume from the last checkpoint")
-    report = write_report(run_dir)
-    print(report)
+    if stage in ("all", "prepare"):
+        prune_student(recipe, run_dir)
+    if stage in ("all", "train"):
+        code = launch_training(run_dir, nproc or recipe.train.nproc)
+        if code != 0:
+            raise AsrError(f"training failed (exit code {code}); see the log above, then re-run the same command "
+                           "to resume from the last checkpoint")
+        if (run_dir / PREEMPTED).is_file():
+            raise AsrError(f"preempted at step {(run_dir / PREEMPTED).read_text()}; a checkpoint was saved, re-run "
+                           "the same command to resume")
+    if stage in ("all", "report"):
+        print(write_report(run_dir))
     return run_dir

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,10 @@ from asr.train.engine import Dist, build_engine, init_distributed, use_bf16
 from asr.train.evaluate import CheckpointBench
 from asr.train.objectives import ce_loss, kd_loss
 from asr.train.tracking import Tracker
+
+
+PREEMPT = "PREEMPT"  # written by whoever wants the run to stop at the next step (Slurm's warning signal)
+PREEMPTED = "PREEMPTED"  # written by the run when it stopped early with a checkpoint
 
 
 def check_compatible(student, teacher, student_ref: str, teacher_ref: str) -> None:
@@ -119,6 +124,15 @@ class Trainer:
         o = self.recipe.objective
         return kd_loss(out.logits, teacher_logits, labels, o.temperature, o.alpha_kl, o.alpha_ce)
 
+    def stop_requested(self) -> bool:
+        """Preemption: SIGUSR1/SIGTERM on any rank, or RUN/PREEMPT written by a Slurm batch script."""
+        flag = torch.tensor([1.0 if self._signalled or (self.run_dir / PREEMPT).exists() else 0.0])
+        dist.all_reduce(flag)
+        return flag.item() > 0
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signalled = True
+
     def all_finite(self, loss: torch.Tensor) -> bool:
         flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
         dist.all_reduce(flag)
@@ -157,8 +171,15 @@ class Trainer:
         dist.barrier()
 
     def run(self) -> list[dict]:
+        """Train to max_steps, or until preempted (then checkpoint and return; the job requeues and resumes)."""
         t = self.recipe.train
+        self._signalled = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
         start, history = self.resume()
+        if self.dist.is_main:
+            (self.run_dir / PREEMPT).unlink(missing_ok=True)  # a requeued job starts afresh
+        dist.barrier()
         metrics_file = self.run_dir / "metrics.jsonl"
         if self.dist.is_main:  # the loss curve up to the checkpoint we resumed from, then appended per step
             metrics_file.write_text("".join(json.dumps(row) + "\n" for row in history))
@@ -213,6 +234,14 @@ class Trainer:
                 samples, tokens = 0, 0
             if (step + 1) % t.save_every == 0 or step + 1 == t.max_steps:
                 self.checkpoint(step + 1, history)
+            elif self.stop_requested():
+                self.checkpoint(step + 1, history)
+                if self.dist.is_main:
+                    (self.run_dir / PREEMPTED).write_text(str(step + 1))
+                    print(f"preempted: checkpoint at step {step + 1} saved; re-run to resume", flush=True)
+                return history
+        if self.dist.is_main:
+            (self.run_dir / PREEMPTED).unlink(missing_ok=True)
         self.finish(history, skipped)
         return history
 
