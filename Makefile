@@ -26,10 +26,14 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q "setuptools>=70.1,<82" wheel
 	$(PY) -m pip install -q -e ".[teachers,tts,dev]"
+	@echo "compiling DeepSpeed's CPU communication op once (cached in $(TORCH_EXTENSIONS_DIR)) ..."
+	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	@echo "importing the registry teachers once (cached) ..."
+	$(PY) -c "from asr.models.registry import REGISTRY, import_registry_model as imp; [imp(n) for n in REGISTRY]"
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/asr demo
+	$(VENV)/bin/asr run quickstart
 
 test: setup
 	$(PY) -m pytest -q

@@ -56,9 +56,15 @@ def _layers(text: str | None) -> list[int] | None:
 def _prune(args: argparse.Namespace) -> None:
     from asr.models.prune import prune_to_directory
 
-    report = prune_to_directory(args.model, Path(args.out), decoder_keep=_layers(args.keep),
-                                num_layers=args.num_layers, strategy=args.strategy,
-                                encoder_keep=_layers(args.encoder_keep))
+    keep, scores = _layers(args.keep), None
+    if args.strategy == "importance" and keep is None:
+        from asr.train.importance import select_by_importance
+
+        if not args.calibration:
+            raise AsrError("--strategy importance needs --calibration DATASET")
+        keep, scores = select_by_importance(args.model, args.calibration, args.num_layers, args.calibration_limit)
+    report = prune_to_directory(args.model, Path(args.out), decoder_keep=keep, num_layers=args.num_layers,
+                                strategy=args.strategy, encoder_keep=_layers(args.encoder_keep), scores=scores)
     print(f"kept decoder layers {report['decoder_keep']} of {report['teacher_decoder_layers']} "
           f"({report['student_params'] / 1e6:.1f}M of {report['teacher_params'] / 1e6:.1f}M params) -> {args.out}")
 
@@ -70,21 +76,33 @@ def _export(args: argparse.Namespace) -> None:
     print(f"exported {args.model} to CTranslate2 -> {path}")
 
 
+def _ls(args: argparse.Namespace) -> None:
+    from asr.recipes import builtin_recipes, describe
+
+    for name, path in builtin_recipes().items():
+        print(f"{name:18} {describe(path)}")
+
+
+def _cp(args: argparse.Namespace) -> None:
+    from asr.recipes import copy_recipe
+
+    print(f"copied {args.name} -> {copy_recipe(args.name, Path(args.dest))}")
+
+
+def _validate(args: argparse.Namespace) -> None:
+    from asr.recipes import validate
+
+    recipe = validate(args.recipe, args.overrides)
+    print(f"{args.recipe}: valid ({recipe.teacher}, {recipe.objective.method}, {recipe.train.max_steps} steps, "
+          f"ZeRO-{recipe.train.zero_stage}, {recipe.train.nproc} process(es))")
+
+
 def _run(args: argparse.Namespace) -> None:
     from asr.pipeline import run_pipeline
+    from asr.recipes import recipe_path
 
-    run_pipeline(Path(args.recipe), args.overrides, Path(args.run_dir) if args.run_dir else None, args.nproc,
+    run_pipeline(recipe_path(args.recipe), args.overrides, Path(args.run_dir) if args.run_dir else None, args.nproc,
                  args.stage)
-
-
-def _demo(args: argparse.Namespace) -> None:
-    """Until recipes land: build the synthetic test split and benchmark the registry teachers on it."""
-    from asr.bench.run import run_bench
-    from asr.data.synth import build_corpus
-
-    out = Path(args.out)
-    build_corpus(out / "data" / "test", split="test", num=args.num, seed=1, workers=args.workers)
-    run_bench(["whisper-base", "whisper-tiny.en"], [str(out / "data" / "test")], out / "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = prune.add_mutually_exclusive_group(required=True)
     group.add_argument("--keep", help="decoder layers to keep, e.g. 0,5")
     group.add_argument("--num-layers", type=int, help="number of decoder layers to keep")
-    prune.add_argument("--strategy", default="spaced", choices=["spaced", "first"])
+    prune.add_argument("--strategy", default="spaced", choices=["spaced", "first", "importance"])
+    prune.add_argument("--calibration", help="dataset for --strategy importance")
+    prune.add_argument("--calibration-limit", type=int, default=32)
     prune.add_argument("--encoder-keep", help="encoder layers to keep (default: all)")
     prune.add_argument("--out", required=True)
     prune.set_defaults(func=_prune)
@@ -143,8 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True)
     export.set_defaults(func=_export)
 
+    sub.add_parser("ls", help="built-in recipes").set_defaults(func=_ls)
+    cp = sub.add_parser("cp", help="copy a built-in recipe to edit it")
+    cp.add_argument("name")
+    cp.add_argument("dest")
+    cp.set_defaults(func=_cp)
+    validate = sub.add_parser("validate", help="check a recipe (and overrides) without running it")
+    validate.add_argument("recipe", help="recipe YAML or built-in name")
+    validate.add_argument("overrides", nargs="*")
+    validate.set_defaults(func=_validate)
+
     run = sub.add_parser("run", help="prune -> recover -> benchmark every checkpoint -> report")
-    run.add_argument("recipe", help="recipe YAML")
+    run.add_argument("recipe", help="recipe YAML or built-in name")
     run.add_argument("overrides", nargs="*", help="dotted key=value, e.g. optim.lr=3e-5")
     run.add_argument("--nproc", type=int, help="processes on this machine (default: train.nproc)")
     run.add_argument("--run-dir", help="default: runs/<recipe>-<time>, or the unfinished run of the same recipe")
@@ -152,17 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run one stage only (Slurm jobs): prepare = data + prune, train, report")
     run.set_defaults(func=_run)
 
-    demo = sub.add_parser("demo", help="the embedded default job")
-    demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--num", type=int, default=100)
-    demo.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    demo.set_defaults(func=_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # generate() repeats config warnings per call; --debug shows them
     try:
         args.func(args)
     except AsrError as exc:

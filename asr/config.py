@@ -86,7 +86,7 @@ class TrainConfig:
     freeze_encoder: bool = True
     cache_encoder: bool = True  # frozen encoder: compute its states once per clip and reuse them every epoch
     zero_stage: Literal[0, 1, 2, 3] = 2
-    bf16: Literal["auto", "on", "off"] = "off"
+    bf16: bool | Literal["auto"] = False  # auto = on where the hardware has native bf16
     save_every: int = 50
     keep_last: int = 2
     log_every: int = 10

@@ -105,8 +105,15 @@ def prune_student(recipe: Recipe, run_dir: Path) -> None:
     if (run_dir / "student" / "pruning.json").is_file():
         return
     p = recipe.prune
-    report = prune_to_directory(recipe.teacher, run_dir / "student", decoder_keep=p.keep, num_layers=p.num_layers,
-                                strategy=p.strategy, encoder_keep=p.encoder_keep)
+    keep, scores = p.keep, None
+    if keep is None and p.strategy == "importance":
+        from asr.train.importance import select_by_importance
+
+        if p.calibration is None:
+            raise AsrError("prune.strategy importance needs prune.calibration (a dataset)")
+        keep, scores = select_by_importance(recipe.teacher, p.calibration, p.num_layers, p.calibration_limit)
+    report = prune_to_directory(recipe.teacher, run_dir / "student", decoder_keep=keep, num_layers=p.num_layers,
+                                strategy=p.strategy, encoder_keep=p.encoder_keep, scores=scores)
     print(f"pruned {recipe.teacher}: decoder layers {report['decoder_keep']} "
           f"({report['student_params'] / 1e6:.1f}M params)")
 

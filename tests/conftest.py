@@ -93,3 +93,25 @@ def micro_teacher(tmp_path_factory):
     model.save_pretrained(out)
     save_processor(load_processor("whisper-tiny.en"), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def scaled_large_v3(tmp_path_factory):
+    """whisper-large-v3's structure (32+32 layers, 128 mel bins, multilingual vocabulary) with tiny widths."""
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    from asr.models.loading import load_processor, load_whisper
+
+    base = load_whisper("whisper-base")
+    config = WhisperConfig(**{**base.config.to_dict(), "num_mel_bins": 128, "d_model": 32, "encoder_layers": 32,
+                              "decoder_layers": 32, "encoder_attention_heads": 2, "decoder_attention_heads": 2,
+                              "encoder_ffn_dim": 64, "decoder_ffn_dim": 64})
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(config)
+    model.generation_config = base.generation_config
+    model.generation_config.alignment_heads = [[31, 0], [20, 1], [10, 1]]
+    out = tmp_path_factory.mktemp("scaled") / "whisper-large-v3-scaled"
+    model.save_pretrained(out)
+    load_processor("whisper-base").tokenizer.save_pretrained(out)
+    WhisperFeatureExtractor(feature_size=128).save_pretrained(out)
+    return out

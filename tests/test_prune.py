@@ -94,3 +94,22 @@ def test_prune_rejects_bad_layer_lists():
         prune_whisper(teacher, [0, 4])
     with pytest.raises(AsrError, match="increasing"):
         prune_whisper(teacher, [3, 0])
+
+
+def test_importance_pruning_drops_least_important_layers(tmp_path, speech_folder):
+    """Greedy KL-based selection on real tiny.en: 4 -> 2 layers in two rounds, the table recorded."""
+    out = tmp_path / "imp"
+    proc = subprocess.run([sys.executable, "-m", "asr", "prune", "--model", "whisper-tiny.en", "--num-layers", "2",
+                           "--strategy", "importance", "--calibration", str(speech_folder), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "pruning.json").read_text())
+    table = report["importance_scores"]
+    assert report["strategy"] == "importance" and len(report["decoder_keep"]) == 2
+    assert [row["round"] for row in table] == [1, 1, 1, 1, 2, 2, 2]
+    first = {row["drop"]: row["kl"] for row in table if row["round"] == 1}
+    second = {row["drop"]: row["kl"] for row in table if row["round"] == 2}
+    dropped_first = min(first, key=first.get)
+    assert dropped_first not in second and dropped_first not in report["decoder_keep"]
+    assert sorted(set(first) - {dropped_first, min(second, key=second.get)}) == report["decoder_keep"]
+    assert all(v > 0 for v in first.values()) and min(second.values()) >= min(first.values())

@@ -39,12 +39,13 @@ def _extra_line(r: dict) -> str:
         s = r["streaming"]
         parts.append(f"streaming {s['chunk_ms']} ms chunks: chunk latency p50 {s['chunk_latency_ms_p50']:.0f} ms, "
                      f"p95 {s['chunk_latency_ms_p95']:.0f} ms, final WER {_pct(s['wer'])}, "
+                     f"final text {s['final_lag_ms_p50']:.0f} ms after the audio ends, "
                      f"keeps up with real time: {'yes' if s['keeps_up'] else 'no'}.")
     if "speculative" in r:
         s = r["speculative"]
         parts.append(f"speculative decoding with {s['assistant']}: {s['identical']}/{s['n']} outputs identical to "
                      f"greedy, {s['greedy_ms_p50']:.0f} → {s['speculative_ms_p50']:.0f} ms p50 "
-                     f"({s['speedup']:.2f}x).")
+                     f"({s['speedup']:.2f}x, {s['tokens_per_teacher_call']:.2f} tokens per teacher call).")
     return " ".join(parts)
 
 

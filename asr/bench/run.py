@@ -162,7 +162,8 @@ def run_bench(models: Sequence[str], datasets: Sequence[str], out_dir: Path, opt
             for label, samples, _ in loaded:
                 record = next(r for r in records if r["model"] == engine.name and r["dataset"] == label)
                 record["speculative"] = speculative_check(model, load_whisper(opts.assistant), processor,
-                                                          samples[:opts.latency_clips], opts.max_new_tokens)
+                                                          samples[:opts.latency_clips], opts.max_new_tokens,
+                                                          assistant_name=model_label(opts.assistant))
         del engine, model
     add_ratios(records, teachers)
     (out_dir / "bench.json").write_text(json.dumps(records, indent=2))

@@ -39,7 +39,7 @@ def decoder_only_assistant(assistant):
 
 
 class CallCounter:
-    """Counts forward calls of a module while the block runs (one teacher call = one greedy step or one verification)."""
+    """Forward calls of a module while the block runs (a teacher call is one greedy step or one verification)."""
 
     def __init__(self, module: torch.nn.Module):
         self.module, self.calls = module, 0

@@ -76,8 +76,11 @@ def count_parameters(model) -> int:
 
 def prune_to_directory(teacher_ref: str, out: Path, decoder_keep: Sequence[int] | None = None,
                        num_layers: int | None = None, strategy: str = "spaced",
-                       encoder_keep: Sequence[int] | None = None) -> dict:
-    """Prune a teacher and write a loadable HF student with its processor and `pruning.json`."""
+                       encoder_keep: Sequence[int] | None = None, scores: list[dict] | None = None) -> dict:
+    """Prune a teacher and write a loadable HF student with its processor and `pruning.json`.
+
+    `scores` is the table of an importance selection (the layers themselves come in `decoder_keep`).
+    """
     from asr.models.loading import load_processor, load_whisper, save_processor
 
     teacher = load_whisper(teacher_ref)
@@ -87,7 +90,7 @@ def prune_to_directory(teacher_ref: str, out: Path, decoder_keep: Sequence[int] 
         decoder_keep = select_layers(teacher.config.decoder_layers, num_layers, strategy)
         chosen_by = strategy
     else:
-        chosen_by = "explicit"
+        chosen_by = "importance" if scores is not None else "explicit"
     student = prune_whisper(teacher, decoder_keep, encoder_keep)
     tmp = out.with_name(out.name + ".tmp")
     student.save_pretrained(tmp)
@@ -100,6 +103,8 @@ def prune_to_directory(teacher_ref: str, out: Path, decoder_keep: Sequence[int] 
         "teacher_params": count_parameters(teacher), "student_params": count_parameters(student),
         "alignment_heads": student.generation_config.alignment_heads,
     }
+    if scores is not None:
+        report["importance_scores"] = scores
     (tmp / "pruning.json").write_text(json.dumps(report, indent=2))
     if out.exists():
         shutil.rmtree(out)

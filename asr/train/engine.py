@@ -48,11 +48,11 @@ def init_distributed(threads_per_proc: int | None = None) -> Dist:
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, device=device)
 
 
-def use_bf16(setting: str) -> bool:
+def use_bf16(setting: bool | str) -> bool:
     """bf16 'auto' = on where the hardware has native bf16 (CUDA with bf16 support)."""
     if setting == "auto":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return setting == "on"
+    return bool(setting)
 
 
 def deepspeed_config(train: TrainConfig, optim: OptimConfig) -> dict:

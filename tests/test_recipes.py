@@ -1,0 +1,93 @@
+"""Recipes: schema errors name the key, overrides, ls/cp/validate, and the large recipes run scaled down."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from asr.config import load_recipe
+from asr.errors import AsrError
+from asr.recipes import builtin_recipes, copy_recipe, validate
+
+FAST = ["train.max_steps=2", "train.batch_size=2", "train.save_every=2", "train.log_every=1", "train.nproc=2",
+        "data.streaming=false", "eval.limit=2", "eval.batch_size=2", "eval.max_new_tokens=4",
+        "eval.latency_clips=1", "eval.warmup=0", "tracking.wandb=false"]
+
+
+def asr(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "asr", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_every_builtin_recipe_validates_and_says_what_it_reproduces():
+    recipes = builtin_recipes()
+    assert {"quickstart", "base-distil", "base-turbo", "large-v3-turbo", "distil-large-v3"} <= set(recipes)
+    for name, path in recipes.items():
+        recipe = validate(name)
+        assert recipe.name == name and recipe.description
+        header = path.read_text().splitlines()[:3]
+        assert header[0].startswith(f"# {name}") and any("Reproduces" in line for line in path.read_text().splitlines()[:6])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1e-4", "optim.lrr: unknown key; allowed: betas, grad_clip, lr, schedule"),
+    ("train.zero_stage=4", "train.zero_stage: 4 is not one of 0, 1, 2, 3"),
+    ("objective.method=dpo", "objective.method: 'dpo' is not one of 'kd', 'ce'"),
+    ("prune.keep=[0,x]", "prune.keep"),
+    ("train.max_steps=many", "train.max_steps: 'many' is not int"),
+    ("train.freeze_encoder=maybe", "train.freeze_encoder: 'maybe' is not bool"),
+    ("nonsense", "is not key=value"),
+])
+def test_schema_errors_name_the_key_and_the_allowed_values(override, message):
+    with pytest.raises(AsrError) as err:
+        validate("quickstart", [override])
+    assert message in str(err.value)
+
+
+def test_overrides_parse_yaml_values():
+    r = validate("quickstart", ["optim.lr=3e-5", "prune.keep=[0,31]", "train.bf16=true", "data.eval=[a, b]"])
+    assert r.optim.lr == 3e-5 and r.prune.keep == [0, 31] and r.train.bf16 is True and r.data.eval == ["a", "b"]
+
+
+def test_recipes_load_safely_no_code_runs(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("name: !!python/object/apply:os.system ['touch pwned']\n")
+    with pytest.raises(AsrError, match="invalid YAML"):
+        load_recipe(evil)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_cli_ls_cp_validate(tmp_path):
+    listing = asr("ls")
+    assert listing.returncode == 0 and "quickstart" in listing.stdout and "large-v3-turbo" in listing.stdout
+    copied = asr("cp", "quickstart", str(tmp_path))
+    assert copied.returncode == 0 and (tmp_path / "quickstart.yaml").is_file()
+    again = asr("cp", "quickstart", str(tmp_path))
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert asr("validate", str(tmp_path / "quickstart.yaml"), "optim.lr=1e-5").returncode == 0
+    bad = asr("validate", "quickstart", "train.zero_stag=2")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: train.zero_stag: unknown key")
+    assert "Traceback" not in bad.stderr
+    with pytest.raises(AsrError, match="no such recipe"):
+        copy_recipe("nope", tmp_path)
+
+
+@pytest.mark.parametrize("name, decoder_layers", [("large-v3-turbo", 4), ("distil-large-v3", 2)])
+def test_large_recipes_run_two_steps_scaled_down(tmp_path, name, decoder_layers, scaled_large_v3, speech_folder):
+    """The real recipe file, with a same-structure tiny model and local data, trains two steps end to end."""
+    run = tmp_path / name
+    proc = asr("run", name, f"teacher={scaled_large_v3}", f"data.train=[{speech_folder}]",
+               f"data.eval=[{speech_folder}]", *FAST, "--run-dir", str(run))
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:])
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert recipe["name"] == name and recipe["optim"]["schedule"] == "linear"
+    pruning = json.loads((run / "student" / "pruning.json").read_text())
+    assert pruning["teacher_decoder_layers"] == 32 and len(pruning["decoder_keep"]) == decoder_layers
+    assert pruning["decoder_keep"][0] == 0 and pruning["decoder_keep"][-1] == 31
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)
+    assert ("kl" in rows[0]) == (name == "distil-large-v3")
+    final = json.loads((run / "final" / "config.json").read_text())
+    assert (final["encoder_layers"], final["decoder_layers"], final["num_mel_bins"]) == (32, decoder_layers, 128)

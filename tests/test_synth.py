@@ -1,0 +1,210 @@
+"""Synthetic speech corpus: real TTS engines, real files, tiny builds."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import soundfile as sf
+import yaml
+
+from asr.data import augment
+from asr.data.synth import COLUMNS, build_corpus, load_synth_config
+from asr.data.texts import clean_sentence, load_pools
+from asr.data.tts import check_voice, expand_voices, synthesize, voice_id
+from asr.errors import AsrError
+
+SR = 16000
+CFG = load_synth_config()
+SENTENCE = "Please close the window before you leave the house."
+SENTENCES = {"de": "Ich trinke gern Tee am Morgen.", "es": "Me gusta beber té por la mañana.",
+            "fr": "J'aime boire du thé le matin.", "it": "Mi piace bere il tè la mattina."}
+
+
+def read_rows(out: Path) -> list[dict[str, str]]:
+    with (out / "metadata.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def digests(out: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "audio").glob("*.wav"))}
+
+
+def assert_wav_ok(path: Path) -> None:
+    info = sf.info(path)
+    assert (info.samplerate, info.channels, info.subtype) == (SR, 1, "PCM_16"), path
+    audio, _ = sf.read(path, dtype="float32")
+    assert 0.5 <= len(audio) / SR <= 30.0, path
+    assert np.sqrt(np.mean(audio**2)) > 0.01, f"{path} is (nearly) silent"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict[str, Path]:
+    """A train build (2 workers, half augmented) and a test build (in process)."""
+    root = tmp_path_factory.mktemp("synth")
+    build_corpus(root / "train", "train", num=8, seed=3, workers=2, progress=False)
+    build_corpus(root / "test", "test", num=6, seed=3, workers=1, progress=False)
+    return {"train": root / "train", "test": root / "test", "root": root}
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_build_writes_valid_audiofolder(built, split):
+    out = built[split]
+    rows = read_rows(out)
+    assert list(rows[0]) == COLUMNS
+    assert [r["file_name"] for r in rows] == [f"audio/{i:06d}.wav" for i in range(len(rows))]
+    assert len(rows) == (8 if split == "train" else 6)
+    for row in rows:
+        assert_wav_ok(out / row["file_name"])
+        assert row["transcription"] and row["language"] == "en"
+        assert abs(float(row["duration"]) - sf.info(out / row["file_name"]).duration) < 1e-3
+    if split == "test":
+        assert not any(r["augment"] for r in rows), "the test split must stay clean"
+    dataset = datasets.load_dataset("audiofolder", data_dir=str(out), split="train",
+                                    cache_dir=str(built["root"] / f"hf-cache-{split}"))
+    assert dataset.num_rows == len(rows)
+    assert dataset["transcription"] == [r["transcription"] for r in rows]
+
+
+def test_train_and_test_share_no_voice_or_text_source(built):
+    train, test = read_rows(built["train"]), read_rows(built["test"])
+    assert not {r["voice"] for r in train} & {r["voice"] for r in test}
+    assert not {r["source"] for r in train} & {r["source"] for r in test}
+    assert not {r["transcription"] for r in train} & {r["transcription"] for r in test}
+    english = {split: {voice_id(v) for v in expand_voices(CFG["splits"][split]["voices"]) if v["lang"] == "en"}
+               for split in ("train", "test")}
+    assert english["train"] and english["test"] and not english["train"] & english["test"]
+    pools = {split: {s for s, _ in load_pools(CFG["splits"][split]["texts"]["en"])} for split in ("train", "test")}
+    assert len(pools["train"]) > 10000 and len(pools["test"]) > 10000
+
+
+def test_same_seed_gives_identical_bytes_across_worker_counts(built, tmp_path):
+    again = tmp_path / "again"
+    build_corpus(again, "train", num=8, seed=3, workers=1, progress=False)
+    assert (again / "metadata.csv").read_bytes() == (built["train"] / "metadata.csv").read_bytes()
+    assert digests(again) == digests(built["train"])
+    other = tmp_path / "other"
+    build_corpus(other, "train", num=3, seed=4, workers=1, progress=False)
+    assert [r["transcription"] for r in read_rows(other)] != [r["transcription"] for r in read_rows(again)][:3]
+
+
+def test_resume_rebuilds_missing_clips_and_refuses_other_params(built, tmp_path):
+    out = tmp_path / "resume"
+    build_corpus(out, "test", num=4, seed=3, workers=1, progress=False)
+    (out / "audio" / "000002.wav").unlink()
+    summary = build_corpus(out, "test", num=6, seed=3, workers=1, progress=False)
+    assert (summary["resumed"], summary["clips"]) == (3, 6)
+    assert (out / "metadata.csv").read_bytes() == (built["test"] / "metadata.csv").read_bytes()
+    assert digests(out) == digests(built["test"])
+    with pytest.raises(AsrError, match="another --out"):
+        build_corpus(out, "test", num=6, seed=99, workers=1, progress=False)
+
+
+def keep_short_texts(audio: np.ndarray, text: str) -> bool:
+    """A stand-in for the Whisper-based intelligibility filter."""
+    return len(text.split()) <= 8
+
+
+def test_filter_fn_rejections_are_redrawn_and_counted(tmp_path):
+    summary = build_corpus(tmp_path / "f", "test", num=5, seed=5, workers=1, filter_fn=keep_short_texts,
+                           progress=False)
+    rows = read_rows(tmp_path / "f")
+    kept = [r for r in rows if len(r["transcription"].split()) <= 8]
+    assert len(kept) == len(rows) == summary["clips"] == 5 - summary["skipped"].get("filter", 0)
+    assert summary["redrawn"].get("filter", 0) + summary["skipped"].get("filter", 0) > 0
+
+
+def test_multilingual_clips_only_when_requested(tmp_path):
+    build_corpus(tmp_path / "m", "test", num=4, seed=1, workers=1, languages=("de", "fr"), progress=False)
+    rows = read_rows(tmp_path / "m")
+    assert {r["language"] for r in rows} <= {"de", "fr"} and len(rows) == 4
+    assert all(r["voice"] == {"de": "pico:de-DE", "fr": "pico:fr-FR"}[r["language"]] for r in rows)
+    with pytest.raises(AsrError, match="no voices or texts"):
+        build_corpus(tmp_path / "x", "test", num=1, seed=1, languages=("nl",), progress=False)
+
+
+def test_every_voice_in_the_yaml_speaks():
+    voices = {voice_id(v): v for split in ("train", "test") for v in expand_voices(CFG["splits"][split]["voices"])}
+    for name, voice in voices.items():
+        text = SENTENCE if voice["lang"] == "en" else SENTENCES[voice["lang"]]
+        audio = synthesize({"engine": voice["engine"], "voice": voice["voice"]}, text, SR)
+        assert audio.dtype == np.float32 and audio.ndim == 1, name
+        assert 1.0 < len(audio) / SR < 10.0, name
+        assert np.sqrt(np.mean(audio**2)) > 0.01, f"{name} is silent"
+
+
+def test_missing_engine_voice_names_the_fix():
+    with pytest.raises(AsrError, match="apt-get install"):
+        synthesize({"engine": "festival", "voice": "rab_diphone"}, SENTENCE)
+    with pytest.raises(AsrError, match="flite has no voice"):
+        check_voice({"engine": "flite", "voice": "nobody"})
+
+
+def test_config_rejects_a_voice_shared_by_train_and_test(tmp_path):
+    cfg = yaml.safe_load(Path(CFG["_path"]).read_text())
+    cfg["splits"]["test"]["voices"].append({"engine": "flite", "voice": "kal16"})
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(AsrError, match="flite:kal16"):
+        load_synth_config(path)
+
+
+@pytest.mark.parametrize("color", ["white", "pink", "brown"])
+def test_noise_hits_the_requested_snr(color):
+    speech = synthesize({"engine": "flite", "voice": "kal16"}, SENTENCE, SR)
+    for snr in (5.0, 12.5, 25.0):
+        noisy = augment.add_noise(speech, snr, color, np.random.default_rng(0))
+        measured = 10 * np.log10(np.sum(speech**2) / np.sum((noisy - speech) ** 2))
+        assert abs(measured - snr) <= 1.0, (color, snr, measured)
+
+
+def band_energy(audio: np.ndarray, above_hz: float) -> float:
+    spectrum = np.abs(np.fft.rfft(audio)) ** 2
+    return float(spectrum[np.fft.rfftfreq(len(audio), 1 / SR) > above_hz].sum())
+
+
+def test_telephone_removes_energy_above_4khz():
+    noise = augment.colored_noise(SR * 2, "white", np.random.default_rng(1)) * 0.2
+    phone = augment.telephone(noise, SR)
+    assert len(phone) == len(noise)
+    assert band_energy(phone, 4000) < 1e-3 * band_energy(noise, 4000)  # at least 30 dB down
+    assert band_energy(phone, 0) > 0.1 * band_energy(noise, 0) * (3100 / 8000)  # the voice band survives
+
+
+def test_speed_and_pitch_change_what_they_should():
+    t = np.arange(SR) / SR
+    tone = (0.5 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)
+    tone[:2000] = 0.0  # start from silence, as speech does (the phase vocoder keeps frame 0's phases)
+    assert len(augment.change_speed(tone, SR, 1.1)) == pytest.approx(len(tone) / 1.1, rel=0.01)
+    shifted = augment.shift_pitch(tone, SR, 2.0)
+    assert len(shifted) == len(tone)
+    spectrum = np.abs(np.fft.rfft(shifted[4000:-2000]))
+    peak_hz = np.fft.rfftfreq(len(shifted) - 6000, 1 / SR)[spectrum.argmax()]
+    assert peak_hz == pytest.approx(200 * 2 ** (2 / 12), rel=0.02)
+
+
+def test_reverb_and_random_chain_are_seeded():
+    speech = synthesize({"engine": "flite", "voice": "kal16"}, SENTENCE, SR)
+    policy = CFG["augment"]
+    runs = [augment.random_augment(speech, SR, np.random.default_rng(7), policy) for _ in range(2)]
+    assert runs[0][1] == runs[1][1] and np.array_equal(runs[0][0], runs[1][0]) and runs[0][1]
+    wet = augment.reverb(speech, SR, 0.5, 0.4, np.random.default_rng(0))
+    assert len(wet) == len(speech) + SR // 4 and np.abs(wet[len(speech):]).max() > 1e-3
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("“Behold, I am with you,” he said.", "Behold, I am with you, he said."),
+    ("the boy’s dog ran home fast", "The boy's dog ran home fast."),
+    ("what time is it now friend", "What time is it now friend?"),
+    ("He paid 12 shekels for the field.", None),
+    ("He came [a footnote] to the city gate.", None),
+    ("The LORD spoke to him from the cloud.", None),
+    ("Too short here.", None),
+    (" ".join(["word"] * 23) + ".", None),
+])
+def test_sentence_filter(raw, expected):
+    assert clean_sentence(raw) == expected
