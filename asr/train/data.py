@@ -78,22 +78,23 @@ def _cache_key(examples: Sequence[Encoded], encoder) -> str:
     for e in examples:
         h.update(e.id.encode())
         h.update(e.input_features[:, :50].tobytes())
-    for p in list(encoder.parameters())[:4]:
-        h.update(p.detach().float().numpy().tobytes()[:4096])
-    return h.hexdigest()[:16]
+    for name, tensor in encoder.state_dict().items():  # names, shapes and a strided sample of every weight
+        flat = tensor.detach().float().flatten()
+        h.update(f"{name}{tuple(tensor.shape)}".encode())
+        h.update(flat[::max(1, flat.numel() // 512)].numpy().tobytes())
+    return h.hexdigest()[:24]
 
 
 @torch.inference_mode()
-def cache_encoder_states(examples: Sequence[Encoded], encoder, cache_file: Path, batch_size: int = 8,
+def cache_encoder_states(examples: Sequence[Encoded], encoder, cache_root: Path, batch_size: int = 8,
                          show_progress: bool = True) -> torch.Tensor:
-    """Encoder states of every example, computed once and kept on disk (fp16) keyed on data and weights."""
+    """Encoder states of every example, computed once and kept on disk (fp16), keyed on the clips and the
+    encoder weights, so every run over the same data and teacher (and every resume) reuses them."""
     from safetensors.torch import load_file, save_file
 
-    key = _cache_key(examples, encoder)
+    cache_file = cache_root / f"{_cache_key(examples, encoder)}.safetensors"
     if cache_file.is_file():
-        stored = load_file(cache_file)
-        if stored.get("key") is not None and bytes(stored["key"].tolist()).decode() == key:
-            return stored["states"]
+        return load_file(cache_file)["states"]
     dtype = next(encoder.parameters()).dtype
     chunks = []
     for start in tqdm(range(0, len(examples), batch_size), desc="caching encoder states", unit="batch",
@@ -103,6 +104,6 @@ def cache_encoder_states(examples: Sequence[Encoded], encoder, cache_file: Path,
     states = torch.cat(chunks)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_suffix(".tmp")
-    save_file({"states": states.contiguous(), "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, tmp)
+    save_file({"states": states.contiguous()}, tmp)
     tmp.rename(cache_file)
     return states

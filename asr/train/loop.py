@@ -22,6 +22,7 @@ from asr.data.features import WhisperCollator
 from asr.data.loading import SkipStats
 from asr.errors import AsrError
 from asr.models.loading import load_processor, load_whisper
+from asr.models.registry import cache_dir
 from asr.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from asr.train.data import TrainBatches, cache_encoder_states, load_shard
 from asr.train.engine import Dist, build_engine, init_distributed, use_bf16
@@ -84,8 +85,8 @@ class Trainer:
                            "add data or use fewer processes")
         states = None
         if r.train.cache_encoder and self.shared_encoder:
-            cache = self.run_dir / "cache" / f"encoder-rank{self.dist.rank}-of{self.dist.world}.safetensors"
-            states = cache_encoder_states(examples, student.model.encoder, cache, show_progress=self.dist.is_main)
+            states = cache_encoder_states(examples, student.model.encoder, cache_dir() / "encoder-states",
+                                          show_progress=self.dist.is_main)
             for e in examples:
                 e.input_features = e.input_features[:, :0]  # features are no longer needed: free the memory
         self.batches = TrainBatches(examples, WhisperCollator(student.generation_config.pad_token_id),
