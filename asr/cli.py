@@ -105,6 +105,18 @@ def _run(args: argparse.Namespace) -> None:
                  args.stage)
 
 
+def _submit(args: argparse.Namespace) -> None:
+    from asr.launch.render import Resources, plan_submission, render
+    from asr.launch.submit import dry_run, submit, summary
+    from asr.recipes import recipe_path
+
+    resources = Resources(nodes=args.nodes, gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_node,
+                          partition=args.partition, time=args.time, account=args.account)
+    plan = render(plan_submission(recipe_path(args.recipe), args.overrides, args.sweep,
+                                  Path(args.run_dir) if args.run_dir else None, resources))
+    print(dry_run(plan) if args.dry_run else summary(plan, submit(plan)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asr", description="Prune Whisper decoders and recover them.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -181,6 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stage", choices=["all", "prepare", "train", "report"], default="all",
                      help="run one stage only (Slurm jobs): prepare = data + prune, train, report")
     run.set_defaults(func=_run)
+
+    submit = sub.add_parser("submit", help="the same pipeline as Slurm jobs: prepare -> train (multi-node) -> bench")
+    submit.add_argument("recipe", help="recipe YAML or built-in name")
+    submit.add_argument("overrides", nargs="*", help="dotted key=value, e.g. optim.lr=3e-5")
+    submit.add_argument("--nodes", type=int, default=1, help="nodes for training (one torchrun per node)")
+    submit.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one rank per GPU")
+    submit.add_argument("--procs-per-node", type=int, help="ranks per node (default: GPUs, else train.nproc)")
+    submit.add_argument("--partition")
+    submit.add_argument("--time", help="time limit of each job, e.g. 1-00:00:00")
+    submit.add_argument("--account")
+    submit.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                        help="one run per value, as job arrays (repeat for a grid), e.g. optim.lr=1e-5,3e-5")
+    submit.add_argument("--run-dir", help="run directory, or the parent of a sweep's (default: runs/<recipe>-<time>)")
+    submit.add_argument("--dry-run", action="store_true", help="print the scripts and sbatch commands only")
+    submit.set_defaults(func=_submit)
 
     return parser
 

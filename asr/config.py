@@ -51,6 +51,7 @@ class DataConfig:
     language: str = "en"  # used when a dataset has no language column
     max_label_tokens: int = 200
     streaming: bool = False
+    labels: Literal["gold", "pseudo"] = "gold"  # pseudo: train on the `pseudo_label` column (`asr pseudo-label`)
 
 
 @dataclass
@@ -61,6 +62,7 @@ class ObjectiveConfig:
     alpha_kl: float = 0.8
     alpha_ce: float = 1.0
     temperature: float = 2.0
+    teacher_cache: bool = False  # KD from the top-K log-probs stored by `asr pseudo-label --top-k` (no teacher loaded)
 
 
 @dataclass
@@ -85,6 +87,7 @@ class TrainConfig:
     seed: int = 0
     freeze_encoder: bool = True
     cache_encoder: bool = True  # frozen encoder: compute its states once per clip and reuse them every epoch
+    share_encoder: bool = True  # frozen identical encoders run once for teacher and student (false: each runs its own)
     zero_stage: Literal[0, 1, 2, 3] = 2
     bf16: bool | Literal["auto"] = False  # auto = on where the hardware has native bf16
     save_every: int = 50

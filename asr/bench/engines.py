@@ -5,6 +5,7 @@ is what lets the benchmark time the encoder and the decoder separately.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -61,3 +62,24 @@ class HfEngine:
                                   num_beams=1, max_new_tokens=max_new_tokens, **self.language_kwargs(language),
                                   **generate_kwargs)
         return split_rows(ids.tolist(), self.eos_token_id, max_new_tokens)
+
+
+class MemoizedEncoder:
+    """Wraps an engine so encoder states are computed once per clip and reused by later models with the same
+    encoder weights (every checkpoint of a frozen-encoder run): benchmarks then pay only for decoding.
+    The memo must only be shared between engines whose encoders are identical (see `weights_fingerprint`)."""
+
+    def __init__(self, engine, memo: dict[str, torch.Tensor]):
+        self.engine, self.memo = engine, memo
+        self.name, self.eos_token_id = engine.name, engine.eos_token_id
+
+    def encode(self, features: torch.Tensor) -> torch.Tensor:
+        keys = [hashlib.sha1(row.numpy().tobytes()).hexdigest() for row in features]
+        missing = [i for i, k in enumerate(keys) if k not in self.memo]
+        if missing:
+            for i, states in zip(missing, self.engine.encode(features[missing])):
+                self.memo[keys[i]] = states
+        return torch.stack([self.memo[k] for k in keys])
+
+    def decode(self, encoded, language: str, max_new_tokens: int) -> list[Decoded]:
+        return self.engine.decode(encoded, language, max_new_tokens)

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from asr.bench.engines import HfEngine
+from asr.bench.engines import HfEngine, MemoizedEncoder
 from asr.bench.latency import measure_latency
 from asr.bench.physics import decoder_weights_per_token
 from asr.bench.repetition import repetition_rate
@@ -23,7 +23,7 @@ from asr.bench.transcribe import transcribe
 from asr.bench.wer import error_rates, normalize
 from asr.data.loading import DatasetRef, SkipStats, iter_samples, open_dataset
 from asr.errors import AsrError
-from asr.models.loading import load_processor, load_whisper
+from asr.models.loading import load_processor, load_whisper, weights_fingerprint
 
 
 @dataclass
@@ -105,10 +105,17 @@ def score(model: str, dataset: str, samples, hyps) -> tuple[dict, list[dict]]:
     return record, clips
 
 
-def bench_one(engine, processor, model, label: str, samples, opts: BenchOptions, out_dir: Path) -> dict:
-    """One (model, dataset) record: accuracy, latency, and the optional streaming / speculative figures."""
+def bench_one(engine, processor, model, label: str, samples, opts: BenchOptions, out_dir: Path,
+              encoder_memo: dict | None = None) -> dict:
+    """One (model, dataset) record: accuracy, latency, and the optional streaming / speculative figures.
+
+    With `encoder_memo` (shared only among models with identical encoder weights) the accuracy pass reuses
+    encoder states; the latency pass always runs the real encoder.
+    """
+    accuracy_engine = engine if encoder_memo is None else MemoizedEncoder(engine, encoder_memo)
     with tqdm(total=len(samples), desc=f"{engine.name} on {label}: WER", unit="clip") as bar:
-        hyps = transcribe(engine, processor, samples, opts.batch_size, opts.max_new_tokens, progress=bar.update)
+        hyps = transcribe(accuracy_engine, processor, samples, opts.batch_size, opts.max_new_tokens,
+                          progress=bar.update)
     record, clips = score(engine.name, label, samples, hyps)
     with open(out_dir / f"clips-{engine.name}-{label}.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in clips)
@@ -152,10 +159,13 @@ def run_bench(models: Sequence[str], datasets: Sequence[str], out_dir: Path, opt
     labels = [model_label(m) for m in models]
     teachers = {model_label(m): model_label(teacher_of(m, models)) for m in models}
     records = []
+    memos: dict[tuple[str, str], dict] = {}  # (encoder weights, dataset) -> encoder states per clip
     for ref in models:
         engine, processor, model = load_engine(ref, opts.engine)
+        encoder = weights_fingerprint(model.model.encoder)
         for label, samples, _ in loaded:
-            records.append(bench_one(engine, processor, model, label, samples, opts, out_dir))
+            memo = memos.setdefault((encoder, label), {}) if opts.engine == "hf" else None
+            records.append(bench_one(engine, processor, model, label, samples, opts, out_dir, memo))
         if opts.assistant is not None and engine.name == teachers[engine.name]:
             from asr.bench.speculative import speculative_check
 

@@ -35,16 +35,22 @@ def log_mel(feature_extractor, audio: np.ndarray | list[np.ndarray]) -> torch.Te
     return feature_extractor(batch, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
 
 
-def encode_sample(sample: Sample, processor, generation_config, max_label_tokens: int = 440) -> Encoded | None:
-    """Features and labels for one sample; None when the transcript is too long for the decoder."""
-    prefix = prompt_ids(processor.tokenizer, generation_config, sample.language)
-    text_ids = processor.tokenizer(" " + sample.text, add_special_tokens=False).input_ids
-    if len(prefix) + len(text_ids) + 1 > max_label_tokens:
-        return None
+def label_layout(tokenizer, generation_config, text: str, language: str) -> tuple[list[int], list[int]]:
+    """(decoder_input_ids, labels) of a transcript: the teacher-forcing layout every objective is computed on."""
+    prefix = prompt_ids(tokenizer, generation_config, language)
+    text_ids = tokenizer(" " + text, add_special_tokens=False).input_ids
     sequence = prefix + text_ids + [generation_config.eos_token_id]
     labels = [IGNORE_INDEX] * (len(prefix) - 1) + sequence[len(prefix):]
+    return sequence[:-1], labels
+
+
+def encode_sample(sample: Sample, processor, generation_config, max_label_tokens: int = 440) -> Encoded | None:
+    """Features and labels for one sample; None when the transcript is too long for the decoder."""
+    decoder_input_ids, labels = label_layout(processor.tokenizer, generation_config, sample.text, sample.language)
+    if len(decoder_input_ids) + 1 > max_label_tokens:
+        return None
     return Encoded(id=sample.id, input_features=log_mel(processor.feature_extractor, sample.audio)[0].numpy(),
-                   decoder_input_ids=sequence[:-1], labels=labels, text=sample.text, language=sample.language)
+                   decoder_input_ids=decoder_input_ids, labels=labels, text=sample.text, language=sample.language)
 
 
 @dataclass

@@ -29,6 +29,7 @@ class Sample:
     audio: np.ndarray
     text: str
     language: str
+    path: str | None = None  # the audio file it was decoded from (None for in-memory bytes)
 
 
 @dataclass
@@ -111,22 +112,31 @@ def decode_audio(source: str | bytes) -> np.ndarray:
     return samples.data[0].numpy().astype(np.float32, copy=False)
 
 
-def _text(row: dict) -> str | bytes | None:
+def _text(row: dict, column: str | None = None) -> str | bytes | None:
+    if column is not None:
+        if column not in row:
+            raise AsrError(f"dataset has no '{column}' column (columns: {', '.join(row)}); for pseudo-labels "
+                           "make the dataset with `asr pseudo-label`")
+        return row[column]
     for column in TEXT_COLUMNS:
         if column in row:
             return row[column]
     return None
 
 
-def iter_samples(ds, stats: SkipStats, default_language: str = "en", limit: int | None = None) -> Iterator[Sample]:
-    """Yield decodable, non-empty, ≤30 s samples with text; everything else is counted in `stats`."""
+def iter_samples(ds, stats: SkipStats, default_language: str = "en", limit: int | None = None,
+                 text_column: str | None = None) -> Iterator[Sample]:
+    """Yield decodable, non-empty, ≤30 s samples with text; everything else is counted in `stats`.
+
+    The transcript is the first of TEXT_COLUMNS present, or `text_column` (e.g. 'pseudo_label') when given.
+    """
     yielded = 0
     for index, row in enumerate(ds):
         if limit is not None and yielded >= limit:
             return
         audio = row["audio"] or {}
         source = audio.get("path") or f"row {index}"
-        text = _text(row)
+        text = _text(row, text_column)
         if isinstance(text, bytes):
             try:
                 text = text.decode("utf-8")
@@ -153,4 +163,5 @@ def iter_samples(ds, stats: SkipStats, default_language: str = "en", limit: int 
             continue
         language = next((str(row[c]) for c in LANGUAGE_COLUMNS if row.get(c)), default_language)
         yielded += 1
-        yield Sample(id=Path(source).name, audio=wave, text=str(text).strip(), language=language)
+        yield Sample(id=Path(source).name, audio=wave, text=str(text).strip(), language=language,
+                     path=data if isinstance(data, str) else None)

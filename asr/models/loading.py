@@ -33,6 +33,18 @@ def load_whisper(ref: str, dtype: torch.dtype = torch.float32):
     return model.eval()
 
 
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A cheap identity of a module's weights: names, shapes and a strided sample of every tensor."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        flat = tensor.detach().float().flatten()
+        h.update(f"{name}{tuple(tensor.shape)}".encode())
+        h.update(flat[::max(1, flat.numel() // 512)].cpu().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
 def prompt_ids(tokenizer, generation_config, language: str = "en") -> list[int]:
     """Decoder prefix for transcription without timestamps: the same tokens `generate` forces."""
     sot = generation_config.decoder_start_token_id

@@ -11,7 +11,7 @@ from asr.bench.engines import HfEngine
 from asr.bench.report import log_to_wandb, markdown_table, plot_wer_vs_latency
 from asr.bench.run import BenchOptions, add_ratios, bench_one, load_eval_samples
 from asr.config import Recipe
-from asr.models.loading import load_processor, load_whisper
+from asr.models.loading import load_processor, load_whisper, weights_fingerprint
 
 
 class CheckpointBench:
@@ -26,6 +26,7 @@ class CheckpointBench:
                                  latency_clips=e.latency_clips, warmup=e.warmup)
         self.datasets = [load_eval_samples(d, e.limit) for d in recipe.data.eval]
         self.run_dir = run_dir
+        self.memos: dict[tuple[str, str], dict] = {}  # frozen encoder: its states are computed once per clip
 
     def records(self) -> list[dict]:
         if not self.file.is_file():
@@ -38,9 +39,11 @@ class CheckpointBench:
         try:
             model, processor = load_whisper(model_dir), load_processor(model_dir)
             engine = HfEngine(model, name)
+            encoder = weights_fingerprint(model.model.encoder)
             rows = []
             for label, samples, _ in self.datasets:
-                record = bench_one(engine, processor, model, label, samples, self.opts, self.out)
+                memo = self.memos.setdefault((encoder, label), {})
+                record = bench_one(engine, processor, model, label, samples, self.opts, self.out, memo)
                 record.update(step=step, path=model_dir)
                 rows.append(record)
         finally:

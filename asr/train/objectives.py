@@ -35,6 +35,25 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     return {"loss": alpha_kl * temperature ** 2 * kl + alpha_ce * ce, "kl": kl, "ce": ce}
 
 
+def kd_loss_topk(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                 labels: torch.Tensor, temperature: float = 2.0, alpha_kl: float = 0.8,
+                 alpha_ce: float = 1.0) -> dict[str, torch.Tensor]:
+    """Distillation from cached teacher top-K log-probs (no teacher forward): {'loss', 'kl', 'ce'}.
+
+    Approximation: the KL is taken over the teacher's top-K support only. The teacher's tempered distribution
+    restricted to its K ids is renormalized to 1 (log_softmax(logprob / T) over K, which equals
+    softmax(logit / T) restricted and renormalized), and so is the student's (log_softmax of its logits / T
+    gathered at the same ids). It equals the full-vocabulary KL when both put (nearly) all their tempered mass
+    on those K ids; otherwise the teacher's tail is dropped (more of it at higher T) and the student's mass
+    outside the support is not penalised by the KL term (CE on the labels still is).
+    student_logits [B, T, V]; topk_ids, topk_logprobs [B, T, K] (teacher log-probs at T=1); labels [B, T].
+    """
+    student_on_support = torch.gather(student_logits, -1, topk_ids.long())  # [B, T, K]
+    kl = kl_teacher_student(student_on_support, topk_logprobs, labels, temperature)
+    ce = ce_loss(student_logits, labels)
+    return {"loss": alpha_kl * temperature ** 2 * kl + alpha_ce * ce, "kl": kl, "ce": ce}
+
+
 def turbo_lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "linear") -> float:
     """LR multiplier: linear warm-up to the peak, then constant or linear decay to zero at `total_steps`."""
     if warmup_steps and step < warmup_steps:
