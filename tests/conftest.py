@@ -74,44 +74,35 @@ def speech_folder(speech_clips, tmp_path_factory):
     return folder
 
 
+def _random_whisper(source: str, out, feature_size: int, **dims):
+    """A randomly initialised Whisper with `source`'s tokenizer and generation config but other dimensions."""
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    from asr.models.loading import load_processor, load_whisper
+
+    real = load_whisper(source)
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(WhisperConfig(**{**real.config.to_dict(), **dims}))
+    model.generation_config = real.generation_config
+    model.generation_config.alignment_heads = [[dims["decoder_layers"] - 1, 0], [dims["decoder_layers"] - 1, 1]]
+    model.save_pretrained(out)
+    load_processor(source).tokenizer.save_pretrained(out)
+    WhisperFeatureExtractor(feature_size=feature_size).save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def micro_teacher(tmp_path_factory):
     """A randomly initialised Whisper with tiny.en's tokenizer and vocabulary but tiny widths: fast to train."""
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
-
-    from asr.models.loading import load_processor, load_whisper, save_processor
-
-    real = load_whisper("whisper-tiny.en")
-    config = WhisperConfig(**{**real.config.to_dict(), "d_model": 64, "encoder_layers": 2, "decoder_layers": 4,
-                              "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 128,
-                              "decoder_ffn_dim": 128})
-    torch.manual_seed(0)
-    model = WhisperForConditionalGeneration(config)
-    model.generation_config = real.generation_config
-    model.generation_config.alignment_heads = [[3, 0], [3, 1]]
-    out = tmp_path_factory.mktemp("micro") / "micro-teacher"
-    model.save_pretrained(out)
-    save_processor(load_processor("whisper-tiny.en"), out)
-    return out
+    return _random_whisper("whisper-tiny.en", tmp_path_factory.mktemp("micro") / "micro-teacher", 80,
+                           d_model=64, encoder_layers=2, decoder_layers=4, encoder_attention_heads=2,
+                           decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128)
 
 
 @pytest.fixture(scope="session")
 def scaled_large_v3(tmp_path_factory):
     """whisper-large-v3's structure (32+32 layers, 128 mel bins, multilingual vocabulary) with tiny widths."""
-    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
-
-    from asr.models.loading import load_processor, load_whisper
-
-    base = load_whisper("whisper-base")
-    config = WhisperConfig(**{**base.config.to_dict(), "num_mel_bins": 128, "d_model": 32, "encoder_layers": 32,
-                              "decoder_layers": 32, "encoder_attention_heads": 2, "decoder_attention_heads": 2,
-                              "encoder_ffn_dim": 64, "decoder_ffn_dim": 64})
-    torch.manual_seed(0)
-    model = WhisperForConditionalGeneration(config)
-    model.generation_config = base.generation_config
-    model.generation_config.alignment_heads = [[31, 0], [20, 1], [10, 1]]
-    out = tmp_path_factory.mktemp("scaled") / "whisper-large-v3-scaled"
-    model.save_pretrained(out)
-    load_processor("whisper-base").tokenizer.save_pretrained(out)
-    WhisperFeatureExtractor(feature_size=128).save_pretrained(out)
-    return out
+    return _random_whisper("whisper-base", tmp_path_factory.mktemp("scaled") / "whisper-large-v3-scaled", 128,
+                           num_mel_bins=128, d_model=32, encoder_layers=32, decoder_layers=32,
+                           encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                           decoder_ffn_dim=64)

@@ -52,6 +52,21 @@ def _layer_count(ct2: Ct2Model, side: str) -> int:
     return max(ids) + 1 if ids else 0
 
 
+def _layer(ct2: Ct2Model, src: str, dst: str, sd: dict, cross_attention: bool) -> None:
+    """One transformer layer: self-attention, (decoder only) cross-attention, MLP, each with its layer norm."""
+    _split_rows(ct2, f"{src}/self_attention/linear_0", [f"{dst}.self_attn.{p}_proj" for p in "qkv"], sd)
+    _linear(ct2, f"{src}/self_attention/linear_1", f"{dst}.self_attn.out_proj", sd)
+    _norm(ct2, f"{src}/self_attention/layer_norm", f"{dst}.self_attn_layer_norm", sd)
+    if cross_attention:
+        _linear(ct2, f"{src}/attention/linear_0", f"{dst}.encoder_attn.q_proj", sd)
+        _split_rows(ct2, f"{src}/attention/linear_1", [f"{dst}.encoder_attn.k_proj", f"{dst}.encoder_attn.v_proj"], sd)
+        _linear(ct2, f"{src}/attention/linear_2", f"{dst}.encoder_attn.out_proj", sd)
+        _norm(ct2, f"{src}/attention/layer_norm", f"{dst}.encoder_attn_layer_norm", sd)
+    _linear(ct2, f"{src}/ffn/linear_0", f"{dst}.fc1", sd)
+    _linear(ct2, f"{src}/ffn/linear_1", f"{dst}.fc2", sd)
+    _norm(ct2, f"{src}/ffn/layer_norm", f"{dst}.final_layer_norm", sd)
+
+
 def ct2_to_state_dict(ct2: Ct2Model) -> dict[str, np.ndarray]:
     """Map CTranslate2 Whisper variables to `WhisperForConditionalGeneration` state-dict keys."""
     sd: dict[str, np.ndarray] = {}
@@ -61,31 +76,12 @@ def ct2_to_state_dict(ct2: Ct2Model) -> dict[str, np.ndarray]:
     sd[f"{enc}.embed_positions.weight"] = dequantize(ct2, "encoder/position_encodings/encodings")
     _norm(ct2, "encoder/layer_norm", f"{enc}.layer_norm", sd)
     for i in range(_layer_count(ct2, "encoder")):
-        src, dst = f"encoder/layer_{i}", f"{enc}.layers.{i}"
-        _split_rows(ct2, f"{src}/self_attention/linear_0",
-                    [f"{dst}.self_attn.{p}_proj" for p in "qkv"], sd)
-        _linear(ct2, f"{src}/self_attention/linear_1", f"{dst}.self_attn.out_proj", sd)
-        _norm(ct2, f"{src}/self_attention/layer_norm", f"{dst}.self_attn_layer_norm", sd)
-        _linear(ct2, f"{src}/ffn/linear_0", f"{dst}.fc1", sd)
-        _linear(ct2, f"{src}/ffn/linear_1", f"{dst}.fc2", sd)
-        _norm(ct2, f"{src}/ffn/layer_norm", f"{dst}.final_layer_norm", sd)
+        _layer(ct2, f"encoder/layer_{i}", f"{enc}.layers.{i}", sd, cross_attention=False)
     sd[f"{dec}.embed_tokens.weight"] = dequantize(ct2, "decoder/embeddings/weight")
     sd[f"{dec}.embed_positions.weight"] = dequantize(ct2, "decoder/position_encodings/encodings")
     _norm(ct2, "decoder/layer_norm", f"{dec}.layer_norm", sd)
     for i in range(_layer_count(ct2, "decoder")):
-        src, dst = f"decoder/layer_{i}", f"{dec}.layers.{i}"
-        _split_rows(ct2, f"{src}/self_attention/linear_0",
-                    [f"{dst}.self_attn.{p}_proj" for p in "qkv"], sd)
-        _linear(ct2, f"{src}/self_attention/linear_1", f"{dst}.self_attn.out_proj", sd)
-        _norm(ct2, f"{src}/self_attention/layer_norm", f"{dst}.self_attn_layer_norm", sd)
-        _linear(ct2, f"{src}/attention/linear_0", f"{dst}.encoder_attn.q_proj", sd)
-        _split_rows(ct2, f"{src}/attention/linear_1",
-                    [f"{dst}.encoder_attn.k_proj", f"{dst}.encoder_attn.v_proj"], sd)
-        _linear(ct2, f"{src}/attention/linear_2", f"{dst}.encoder_attn.out_proj", sd)
-        _norm(ct2, f"{src}/attention/layer_norm", f"{dst}.encoder_attn_layer_norm", sd)
-        _linear(ct2, f"{src}/ffn/linear_0", f"{dst}.fc1", sd)
-        _linear(ct2, f"{src}/ffn/linear_1", f"{dst}.fc2", sd)
-        _norm(ct2, f"{src}/ffn/layer_norm", f"{dst}.final_layer_norm", sd)
+        _layer(ct2, f"decoder/layer_{i}", f"{dec}.layers.{i}", sd, cross_attention=True)
     projection = ct2.variables.get("decoder/projection/weight")
     if projection is None or ct2.aliases.get("decoder/projection/weight") != "decoder/embeddings/weight":
         raise AsrError("CTranslate2 model has an untied output projection; only tied Whisper models are supported")
