@@ -39,6 +39,29 @@ def _data_synth(args: argparse.Namespace) -> None:
     print(summary)
 
 
+def _pseudo_label(args: argparse.Namespace) -> None:
+    from asr.data.pseudo_label import PseudoLabelOptions, pseudo_label, summary_line
+
+    opts = PseudoLabelOptions(wer_threshold=args.wer_threshold, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
+                              language=args.language, nproc=args.nproc, batch_size=args.batch_size, limit=args.limit)
+    print(summary_line(pseudo_label(args.teacher, args.data, Path(args.out), opts)))
+
+
+def _bench_train(args: argparse.Namespace) -> None:
+    from asr.config import load_recipe
+    from asr.pipeline import prune_student, resolve_data
+    from asr.recipes import recipe_path
+    from asr.train.throughput import bench_train, format_table
+
+    out = Path(args.out)
+    recipe = resolve_data(load_recipe(recipe_path(args.recipe), args.overrides))
+    prune_student(recipe, out)
+    rows = bench_train(recipe, out / "student", out, steps=args.steps, warmup=args.warmup,
+                       nprocs=[int(n) for n in args.nproc.split(",")], top_k=args.top_k, clips=args.clips)
+    print(format_table(rows))
+    print(f"results in {out / 'bench-train.json'}")
+
+
 def _bench(args: argparse.Namespace) -> None:
     from asr.bench.run import BenchOptions, run_bench
 
@@ -139,6 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--languages", default="en", help="comma-separated, e.g. en,de,es,fr,it")
     synth.set_defaults(func=_data_synth)
 
+    pseudo = sub.add_parser("pseudo-label", help="teacher transcripts as labels, WER-filtered, optional top-K")
+    pseudo.add_argument("--teacher", required=True, help="registry name, HF dir or hub id")
+    pseudo.add_argument("--data", required=True, help="audiofolder dir or hub dataset, with reference transcripts")
+    pseudo.add_argument("--out", required=True, help="audiofolder to write (re-run the same command to resume)")
+    pseudo.add_argument("--wer-threshold", type=float, default=10.0, help="drop clips above this normalized WER (%%)")
+    pseudo.add_argument("--top-k", type=int, help="also store the teacher's top-K log-probs per label position")
+    pseudo.add_argument("--nproc", type=int, default=1, help="local processes, each labelling a stride of the rows")
+    pseudo.add_argument("--batch-size", type=int, default=8)
+    pseudo.add_argument("--limit", type=int, help="only the first N rows")
+    pseudo.add_argument("--max-new-tokens", type=int, default=224)
+    pseudo.add_argument("--language", default="en", help="for datasets without a language column")
+    pseudo.set_defaults(func=_pseudo_label)
+
     bench = sub.add_parser("bench", help="WER/CER of models on datasets")
     bench.add_argument("--model", action="append", required=True, help="registry name, HF dir or hub id")
     bench.add_argument("--data", action="append", required=True, help="audiofolder dir or hub dataset")
@@ -155,6 +191,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--overlap-ms", type=int, default=0)
     bench.add_argument("--assistant", help="student model for speculative decoding of the teacher")
     bench.set_defaults(func=_bench)
+
+    bench_tr = sub.add_parser("bench-train", help="training throughput: separate vs shared encoder vs cached teacher")
+    bench_tr.add_argument("recipe", help="recipe YAML or built-in name")
+    bench_tr.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.batch_size=4")
+    bench_tr.add_argument("--steps", type=int, default=6, help="timed steps per measurement")
+    bench_tr.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    bench_tr.add_argument("--nproc", default="1,2", help="process counts to measure, e.g. 1,2")
+    bench_tr.add_argument("--top-k", type=int, default=16)
+    bench_tr.add_argument("--clips", type=int, default=32, help="training clips pseudo-labelled for the measurement")
+    bench_tr.add_argument("--out", default="runs/bench-train")
+    bench_tr.set_defaults(func=_bench_train)
 
     prune = sub.add_parser("prune", help="keep a subset of decoder (and encoder) layers")
     prune.add_argument("--model", required=True)

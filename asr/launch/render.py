@@ -112,9 +112,8 @@ def plan_submission(recipe: Path, overrides: list[str], sweeps: list[str], run_d
         raise AsrError(f"{root}: Slurm's --export cannot pass a path with a comma; choose another --run-dir")
     runs = [root / n for n in names] if sweeps else [root]
     procs = resources.procs_per_node or resources.gpus_per_node or recipes[0].train.nproc
-    return Plan(recipe=recipe.resolve(), overrides=list(overrides), root=root, runs=runs,
-                sweep_overrides=[p for p in points] if sweeps else [[]], resources=resources,
-                procs_per_node=procs, name=name)
+    return Plan(recipe=recipe.resolve(), overrides=list(overrides), root=root, runs=runs, sweep_overrides=points,
+                resources=resources, procs_per_node=procs, name=name)
 
 
 def set_directives(script: str, directives: dict[str, str | None]) -> str:

@@ -22,11 +22,14 @@ def sbatch_command(plan: Plan, stage: str, after: str | None) -> list[str]:
     return cmd + [str(plan.slurm_dir / f"{stage}.sbatch")]
 
 
-def sbatch(cmd: list[str]) -> str:
-    """Run sbatch and return the job id it printed."""
-    if shutil.which(cmd[0]) is None:
+def require_sbatch() -> None:
+    if shutil.which("sbatch") is None:
         raise AsrError("sbatch not found: asr submit needs a Slurm client (run it on a login node, or apt-get "
                        "install slurm-client); --dry-run prints the scripts without Slurm")
+
+
+def sbatch(cmd: list[str]) -> str:
+    """Run sbatch and return the job id it printed."""
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     job = proc.stdout.strip().split(";")[0]
     if proc.returncode != 0 or not job.isdigit():
@@ -36,6 +39,7 @@ def sbatch(cmd: list[str]) -> str:
 
 def submit(plan: Plan) -> dict[str, str]:
     """Write the files and submit the three stages; returns stage -> job id (also written to slurm/jobs.json)."""
+    require_sbatch()
     write_files(plan)
     jobs: dict[str, str] = {}
     try:

@@ -20,9 +20,11 @@ def training_env() -> dict[str, str]:
     return env
 
 
-def launch_training(run_dir: Path, nproc: int) -> int:
-    """Run `asr.train.main` on `nproc` local processes; returns the launcher's exit code."""
+def launch_training(run_dir: Path, nproc: int, module: str = "asr.train.main", args: tuple[str, ...] = ()) -> int:
+    """Run `module RUN_DIR [args]` (default the recovery run) on `nproc` local processes; returns the exit code."""
+    for stale in ("PREEMPT", "PREEMPTED"):  # a new attempt starts afresh (Slurm's train.sbatch does the same)
+        (run_dir / stale).unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "asr.train.main", str(run_dir)]
+           "-m", module, str(run_dir), *args]
     print("launching:", " ".join(cmd), flush=True)
     return subprocess.run(cmd, env=training_env()).returncode
