@@ -17,6 +17,7 @@ from asr.errors import AsrError
 
 SAMPLE_RATE = 16000
 MAX_SECONDS = 30.0
+MAX_PEAK = 10.0  # float audio beyond ±10 (20 dB over full scale) is mis-scaled, e.g. int16 values stored as float
 TEXT_COLUMNS = ("transcription", "text", "sentence", "normalized_text", "transcript")
 LANGUAGE_COLUMNS = ("language", "lang", "locale")
 
@@ -75,20 +76,43 @@ class DatasetRef:
         return Path(self.name).name if Path(self.name).exists() else self.name
 
 
-def open_dataset(ref: DatasetRef, streaming: bool = False):
-    """A `datasets` dataset with undecoded audio (paths/bytes), from a local audiofolder or the hub."""
-    import datasets
+def check_metadata_encoding(folder: Path) -> None:
+    """`datasets` reads metadata with pandas and fails deep inside on the first non-UTF-8 byte: name the line."""
+    for meta in sorted(folder.rglob("metadata.csv")) + sorted(folder.rglob("metadata.jsonl")):
+        raw = meta.read_bytes()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw.count(b"\n", 0, exc.start) + 1
+            raise AsrError(f"{meta}: line {line} is not UTF-8 (byte 0x{raw[exc.start]:02x}); re-save it as UTF-8, "
+                           "e.g. `iconv -f latin1 -t utf-8`") from None
 
+
+def check_dataset(ref: DatasetRef) -> Path | None:
+    """The audiofolder directory of `ref` (None for a hub dataset), checked so that a bad one fails before any work."""
     path = Path(ref.name).expanduser()
     if path.exists():
         if not (path / "metadata.csv").is_file() and not (path / "metadata.jsonl").is_file():
             raise AsrError(f"{path}: not an audiofolder (no metadata.csv); build one with `asr data synth` "
                            "or add metadata.csv with file_name,transcription")
+        check_metadata_encoding(path)
+        return path
+    if ref.name.startswith(("/", ".", "~")):
+        raise AsrError(f"{ref.name}: no such directory; pass an audiofolder directory or a hub dataset id")
+    if os.environ.get("HF_DATASETS_OFFLINE", "0") == "1" or os.environ.get("HF_HUB_OFFLINE", "0") == "1":
+        raise AsrError(f"{ref.name}: not a local directory, and the hub is offline (HF_HUB_OFFLINE/"
+                       "HF_DATASETS_OFFLINE); pass an audiofolder directory")
+    return None
+
+
+def open_dataset(ref: DatasetRef, streaming: bool = False):
+    """A `datasets` dataset with undecoded audio (paths/bytes), from a local audiofolder or the hub."""
+    import datasets
+
+    path = check_dataset(ref)
+    if path is not None:
         ds = datasets.load_dataset("audiofolder", data_dir=str(path), split="train", streaming=streaming)
     else:
-        if os.environ.get("HF_DATASETS_OFFLINE", "0") == "1" or os.environ.get("HF_HUB_OFFLINE", "0") == "1":
-            raise AsrError(f"{ref.name}: not a local directory, and the hub is offline (HF_HUB_OFFLINE/"
-                           "HF_DATASETS_OFFLINE); pass an audiofolder directory")
         ds = datasets.load_dataset(ref.name, ref.config, split=ref.split, streaming=streaming)
     audio_columns = [k for k, v in ds.features.items() if isinstance(v, datasets.Audio)]
     if not audio_columns:
@@ -126,7 +150,7 @@ def _text(row: dict, column: str | None = None) -> str | bytes | None:
 
 def iter_samples(ds, stats: SkipStats, default_language: str = "en", limit: int | None = None,
                  text_column: str | None = None) -> Iterator[Sample]:
-    """Yield decodable, non-empty, ≤30 s samples with text; everything else is counted in `stats`.
+    """Yield decodable, non-empty, ≤30 s, in-range samples with text; everything else is counted in `stats`.
 
     The transcript is the first of TEXT_COLUMNS present, or `text_column` (e.g. 'pseudo_label') when given.
     """
@@ -160,6 +184,9 @@ def iter_samples(ds, stats: SkipStats, default_language: str = "en", limit: int 
             continue
         if wave.size > MAX_SECONDS * SAMPLE_RATE:
             stats.skip("audio over 30 s", source)
+            continue
+        if float(np.abs(wave).max()) > MAX_PEAK:  # log-mel features of such audio are shifted or overflow to NaN
+            stats.skip("audio out of range", source)
             continue
         language = next((str(row[c]) for c in LANGUAGE_COLUMNS if row.get(c)), default_language)
         yielded += 1

@@ -1,0 +1,403 @@
+"""Pseudo-labelling (distil-whisper's first stage): the teacher's greedy transcripts become training labels.
+
+Clips whose transcript is empty, loops, is all upper case, or is further than a threshold from the reference
+(normalized WER) are dropped and counted by reason. Kept clips become an audiofolder (audio hard-linked,
+`metadata.csv` with file_name, transcription, pseudo_label, pseudo_wer, language) and, with `top_k`, the
+teacher's top-K next-token log-probs at every label position of the pseudo-label (teacher-forced on the layout
+`label_layout` builds for training), so KD can run without the teacher.
+
+Rows are split over N local processes (strided). Each process makes its finished clips durable every
+`flush_every` clips: audio, then a top-K safetensors file, then lines in its own progress JSONL. A stopped
+run re-run with the same command continues where it stopped; no clip is transcribed twice.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from itertools import groupby
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm import tqdm
+
+from asr.bench.engines import HfEngine
+from asr.bench.repetition import has_loop
+from asr.bench.transcribe import text_of
+from asr.bench.wer import error_rates, normalize
+from asr.data.features import IGNORE_INDEX, label_layout, log_mel
+from asr.data.loading import SAMPLE_RATE, DatasetRef, Sample, SkipStats, iter_samples, open_dataset
+from asr.errors import AsrError
+from asr.models.loading import load_processor, load_whisper
+from asr.models.registry import resolve_model
+
+SETTINGS = "pseudo-label.json"  # how the folder was made; a resumed run must use the same settings
+SUMMARY = "summary.json"
+PROGRESS = "progress"  # <run>-r<rank>.jsonl: one line per finished clip, kept or dropped
+TOPK = "topk"  # <run>-r<rank>-<n>.safetensors: "<file_name>.ids" int32 [P, K], "<file_name>.logprobs" fp16 [P, K]
+COLUMNS = ("file_name", "transcription", "pseudo_label", "pseudo_wer", "language")
+AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".webm", ".aac"}
+
+
+@dataclass
+class PseudoLabelOptions:
+    """Knobs of one run; the first four are part of the folder's identity (a resume must not change them)."""
+
+    wer_threshold: float = 10.0  # percent, normalized WER of the teacher's transcript against the reference
+    top_k: int | None = None
+    max_new_tokens: int = 224  # openai-whisper's default sample_len (n_text_ctx // 2)
+    language: str = "en"  # for datasets without a language column
+    nproc: int = 1
+    batch_size: int = 8
+    limit: int | None = None  # only the first N rows of the dataset
+    flush_every: int = 64  # clips per durable write (progress lines and one top-K file)
+
+
+# --- filters ---------------------------------------------------------------------------------------------
+def is_all_uppercase(text: str) -> bool:
+    """Two or more words with cased letters, none lower case: Whisper's shouted hallucinations on noise."""
+    cased = [w for w in text.split() if any(c.lower() != c.upper() for c in w)]
+    return len(cased) >= 2 and text == text.upper()
+
+
+def drop_reason(hypothesis: str, reference: str, language: str, capped: bool,
+                wer_threshold: float) -> tuple[str | None, float | None]:
+    """Why a pseudo-label is dropped (None: kept), and its normalized WER in percent against the reference."""
+    hyp, ref = normalize(hypothesis, language), normalize(reference, language)
+    rates = error_rates([ref], [hyp])
+    wer = None if rates["wer"] is None else round(100 * rates["wer"], 2)
+    if not any(c.isalnum() for c in hyp):  # nothing, or only punctuation ('...' normalizes to '.')
+        return "empty output", wer
+    if has_loop(hyp.split()):
+        return "repetition loop", wer
+    if capped:
+        return "hit the token cap", wer
+    if is_all_uppercase(hypothesis):
+        return "all-uppercase output", wer
+    if wer is None:
+        return "reference empty after normalization", wer
+    if wer > wer_threshold:
+        return "WER above threshold", wer
+    return None, wer
+
+
+# --- the teacher -----------------------------------------------------------------------------------------
+@torch.inference_mode()
+def teacher_topk(model, encoder_states: torch.Tensor, layouts: list[tuple[list[int], list[int]]],
+                 k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Top-K next-token log-probs at each labelled position of each (decoder_input_ids, labels) layout,
+    teacher-forced on precomputed encoder states: (ids int32 [P, K], log-probs fp16 [P, K]) per layout."""
+    width = max(len(d) for d, _ in layouts)
+    ids = torch.full((len(layouts), width), model.generation_config.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (d, _) in enumerate(layouts):
+        ids[i, :len(d)] = torch.tensor(d)
+        mask[i, :len(d)] = 1
+    logits = model(encoder_outputs=(encoder_states.to(model.dtype),), decoder_input_ids=ids,
+                   decoder_attention_mask=mask).logits
+    out = []
+    for i, (_, labels) in enumerate(layouts):
+        positions = [j for j, label in enumerate(labels) if label != IGNORE_INDEX]
+        values, top = torch.log_softmax(logits[i, positions].float(), dim=-1).topk(k, dim=-1)
+        out.append((top.to(torch.int32).contiguous(), values.to(torch.float16).contiguous()))
+    return out
+
+
+def label_batch(engine: HfEngine, processor, samples: list[Sample],
+                opts: PseudoLabelOptions) -> list[tuple[dict, Sample, tuple | None]]:
+    """Transcribe a batch (clips of one language decoded together), filter, and score top-K for the kept ones."""
+    out = []
+    for language, group in groupby(sorted(samples, key=lambda s: s.language), key=lambda s: s.language):
+        group = list(group)
+        states = engine.encode(log_mel(processor.feature_extractor, [s.audio for s in group]))
+        records = []
+        for sample, decoded in zip(group, engine.decode(states, language, opts.max_new_tokens)):
+            text = text_of(processor.tokenizer, decoded.tokens, engine.eos_token_id)
+            reason, wer = drop_reason(text, sample.text, language, decoded.capped, opts.wer_threshold)
+            name = sample.id if sample.path else Path(sample.id).stem + ".wav"  # in-memory audio is written as WAV
+            records.append({"source_id": sample.id, "file_name": name, "kept": reason is None, "reason": reason,
+                            "transcription": sample.text, "pseudo_label": text, "pseudo_wer": wer,
+                            "language": language})
+        topk: list[tuple | None] = [None] * len(group)
+        kept = [i for i, r in enumerate(records) if r["kept"]]
+        if opts.top_k and kept:
+            layouts = [label_layout(processor.tokenizer, engine.model.generation_config, records[i]["pseudo_label"],
+                                    language) for i in kept]
+            for i, scores in zip(kept, teacher_topk(engine.model, states[kept], layouts, opts.top_k)):
+                topk[i] = scores
+        out.extend(zip(records, group, topk))
+    return out
+
+
+# --- durable output --------------------------------------------------------------------------------------
+def place_audio(sample: Sample, dest: Path) -> None:
+    """Hard-link the source file into the folder (copy across file systems; write WAV for in-memory audio)."""
+    tmp = dest.with_name(dest.name + ".part")
+    tmp.unlink(missing_ok=True)
+    if sample.path:
+        try:
+            os.link(sample.path, tmp)
+        except OSError:
+            shutil.copyfile(sample.path, tmp)
+    else:
+        import soundfile as sf
+
+        sf.write(tmp, sample.audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+    os.replace(tmp, dest)
+
+
+@dataclass
+class ShardWriter:
+    """One shard's finished clips, made durable together: audio, then the top-K file, then the progress lines
+    (a clip counts as finished only once its line is written, so a kill in between redoes it)."""
+
+    out: Path
+    tag: str
+    teacher: str
+    pending: list = field(default_factory=list)
+    files: int = 0
+
+    def add(self, record: dict, sample: Sample, topk: tuple | None) -> None:
+        self.pending.append((record, sample, topk))
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        for record, sample, _ in self.pending:
+            if record["kept"]:
+                place_audio(sample, self.out / record["file_name"])
+        tensors = {}
+        for record, _, topk in self.pending:
+            if topk is not None:
+                tensors[f"{record['file_name']}.ids"], tensors[f"{record['file_name']}.logprobs"] = topk
+        if tensors:
+            from safetensors.torch import save_file
+
+            name = f"{self.tag}-{self.files:05d}.safetensors"
+            path = self.out / TOPK / name
+            save_file(tensors, path.with_suffix(".part"), metadata={"teacher": self.teacher})
+            os.replace(path.with_suffix(".part"), path)
+            self.files += 1
+            for record, _, topk in self.pending:
+                if topk is not None:
+                    record["topk_file"] = name
+        with open(self.out / PROGRESS / f"{self.tag}.jsonl", "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r, _, _ in self.pending)
+            f.flush()
+            os.fsync(f.fileno())
+        self.pending.clear()
+
+
+# --- one shard (one process) -----------------------------------------------------------------------------
+@dataclass
+class ShardJob:
+    """What one process labels: dataset row indices (its stride of the unfinished rows)."""
+
+    teacher: str
+    data: str
+    out: str
+    indices: list[int]
+    rank: int
+    tag: str
+    opts: PseudoLabelOptions
+    threads: int | None = None
+
+
+def source_id(audio: dict | None, index: int) -> str:
+    """The clip id `iter_samples` gives a row: its file name, or row<index>.wav for audio without a path."""
+    path = (audio or {}).get("path")
+    return Path(path).name if path else f"row{index}.wav"
+
+
+def _rows(ds, indices: list[int], read: list[int]) -> Iterator[dict]:
+    for i in indices:
+        row = dict(ds[i])
+        row["audio"] = {**(row["audio"] or {}), "path": (row["audio"] or {}).get("path") or source_id(None, i)}
+        read[0] += 1
+        yield row
+
+
+def label_shard(job: ShardJob) -> dict:
+    """Label this shard's rows, flushing as it goes; returns the loader's skip counts and examples."""
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    model, processor = load_whisper(job.teacher), load_processor(job.teacher)
+    engine = HfEngine(model, "teacher")
+    ds = open_dataset(DatasetRef.parse(job.data))
+    stats = SkipStats()
+    writer = ShardWriter(Path(job.out), f"{job.tag}-r{job.rank}", job.teacher)
+    batch: list[Sample] = []
+    read = [0]  # rows taken from the dataset so far, labelled or skipped by the loader
+    with tqdm(total=len(job.indices), desc=f"pseudo-labelling (shard {job.rank})", unit="clip",
+              position=job.rank) as bar:
+        samples = iter_samples(_rows(ds, job.indices, read), stats, default_language=job.opts.language)
+        for sample in samples:
+            batch.append(sample)
+            if len(batch) == job.opts.batch_size:
+                for item in label_batch(engine, processor, batch, job.opts):
+                    writer.add(*item)
+                batch = []
+                bar.update(read[0] - bar.n)
+                if len(writer.pending) >= job.opts.flush_every:
+                    writer.flush()
+        if batch:
+            for item in label_batch(engine, processor, batch, job.opts):
+                writer.add(*item)
+        writer.flush()
+        bar.update(read[0] - bar.n)
+    return {"counts": dict(stats.counts), "examples": stats.examples}
+
+
+# --- the folder ------------------------------------------------------------------------------------------
+def read_records(out: Path) -> list[dict]:
+    """Every finished clip of every run so far (first record per clip; a torn last line of a killed run is
+    ignored, that clip was not finished)."""
+    seen: dict[str, dict] = {}
+    for path in sorted((out / PROGRESS).glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            seen.setdefault(record["source_id"], record)
+    return list(seen.values())
+
+
+def settings_of(folder: Path) -> dict | None:
+    """How a pseudo-labelled folder was made (teacher, data, threshold, top_k, ...), or None if it was not."""
+    path = Path(folder) / SETTINGS
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def prepare_out(out: Path, settings: dict) -> None:
+    """Create the folder, or check that an existing one is this run's (same settings) so it can resume."""
+    stored = settings_of(out)
+    if stored is None:
+        if out.exists() and any(out.iterdir()):
+            raise AsrError(f"{out}: exists and is not a pseudo-label folder; choose a new --out")
+        (out / PROGRESS).mkdir(parents=True, exist_ok=True)
+        (out / TOPK).mkdir(exist_ok=True)
+        (out / SETTINGS).write_text(json.dumps(settings, indent=2))
+        return
+    changed = [k for k in settings if stored.get(k) != settings[k]]
+    if changed:
+        was = ", ".join(f"{k}={stored.get(k)!r}" for k in changed)
+        raise AsrError(f"{out}: was made with different {', '.join(changed)} ({was}); use a new --out or the same "
+                       "settings")
+
+
+def write_metadata(out: Path, kept: list[dict]) -> None:
+    """metadata.csv of the kept clips (atomically), in file-name order."""
+    tmp = out / "metadata.csv.part"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        for r in sorted(kept, key=lambda r: r["file_name"]):
+            writer.writerow([r[c] for c in COLUMNS])
+    os.replace(tmp, out / "metadata.csv")
+
+
+def remove_orphans(out: Path, records: list[dict]) -> None:
+    """Audio and top-K files a killed run wrote before its progress line (their clips were redone)."""
+    kept = {r["file_name"] for r in records if r["kept"]}
+    topk_files = {r.get("topk_file") for r in records}
+    for path in out.iterdir():
+        if path.is_file() and (path.suffix.lower() in AUDIO_SUFFIXES or path.name.endswith(".part")) \
+                and path.name not in kept and path.name != "metadata.csv":
+            path.unlink()
+    for path in (out / TOPK).iterdir():
+        if path.name not in topk_files:
+            path.unlink()
+
+
+def rows_to_label(ds, done: set[str], stats: SkipStats) -> list[int]:
+    """Indices of rows not finished yet; a clip id seen before in the dataset is skipped and counted."""
+    todo, seen = [], set()
+    for i, row in enumerate(ds.select_columns(["audio"])):
+        sid = source_id(row["audio"], i)
+        if sid in seen:
+            stats.skip("duplicate clip id", sid)
+            continue
+        seen.add(sid)
+        if sid not in done:
+            todo.append(i)
+    return todo
+
+
+def pseudo_label(teacher: str, data: str, out: Path, opts: PseudoLabelOptions | None = None) -> dict:
+    """Label `data` with `teacher` into the audiofolder `out` (resuming a stopped run there); returns the summary
+    also written to out/summary.json."""
+    opts = opts or PseudoLabelOptions()
+    started = time.perf_counter()
+    resolve_model(teacher)  # a bad reference fails here, before any folder is made
+    settings = {"teacher": teacher, "data": str(Path(data).resolve()) if Path(data).exists() else data,
+                "wer_threshold": opts.wer_threshold, "top_k": opts.top_k, "max_new_tokens": opts.max_new_tokens,
+                "language": opts.language}
+    out = Path(out)
+    prepare_out(out, settings)
+    done = {r["source_id"] for r in read_records(out)}
+    ds = open_dataset(DatasetRef.parse(data))
+    if opts.limit is not None:
+        ds = ds.select(range(min(opts.limit, len(ds))))
+    stats = SkipStats()
+    todo = rows_to_label(ds, done, stats)
+    world = max(1, min(opts.nproc, len(todo)))
+    tag = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    threads = max(1, (os.cpu_count() or 1) // world) if world > 1 else None
+    jobs = [ShardJob(teacher, data, str(out), todo[rank::world], rank, tag, opts, threads) for rank in range(world)]
+    if todo:
+        if world == 1:
+            results = [label_shard(jobs[0])]
+        else:
+            with multiprocessing.get_context("spawn").Pool(world) as pool:
+                results = pool.map(label_shard, jobs)
+        for result in results:
+            for reason, n in result["counts"].items():
+                stats.counts[reason] += n
+                names = stats.examples.setdefault(reason, [])
+                names.extend(result["examples"][reason][:3 - len(names)])
+    records = read_records(out)
+    kept = [r for r in records if r["kept"]]
+    write_metadata(out, kept)
+    remove_orphans(out, records)
+    dropped = Counter(r["reason"] for r in records if not r["kept"])
+    kept_wer = [r["pseudo_wer"] for r in kept if r["pseudo_wer"] is not None]
+    summary = {"teacher": teacher, "data": data, "out": str(out), "wer_threshold": opts.wer_threshold,
+               "top_k": opts.top_k, "labelled": len(records), "kept": len(kept),
+               "dropped": dict(dropped.most_common()), "dropped_total": sum(dropped.values()),
+               "loader_skipped": dict(stats.counts), "loader_skipped_examples": stats.examples,
+               "kept_mean_clip_wer": sum(kept_wer) / len(kept_wer) if kept_wer else None,
+               "transcribed_this_run": len(records) - len(done), "processes": world,
+               "seconds_this_run": round(time.perf_counter() - started, 1)}
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def load_topk(folder: Path, ids: set[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Cached teacher top-K of the requested clips: id -> (ids int32 [P, K], log-probs fp16 [P, K])."""
+    from safetensors import safe_open
+
+    found = {}
+    for path in sorted((Path(folder) / TOPK).glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                clip = key[:-len(".ids")]
+                if key.endswith(".ids") and clip in ids:
+                    found[clip] = (f.get_tensor(key), f.get_tensor(f"{clip}.logprobs"))
+    return found
+
+
+def summary_line(summary: dict) -> str:
+    """One line of figures for the end of a run."""
+    dropped = ", ".join(f"{n} {reason}" for reason, n in summary["dropped"].items()) or "none"
+    skipped = ", ".join(f"{n} {reason}" for reason, n in summary["loader_skipped"].items()) or "none"
+    return (f"pseudo-labelled {summary['labelled']} clips with {summary['teacher']}: kept {summary['kept']}, dropped "
+            f"{summary['dropped_total']} ({dropped}); unreadable rows skipped: {skipped}; this run transcribed "
+            f"{summary['transcribed_this_run']} in {summary['seconds_this_run']:.0f} s on {summary['processes']} "
+            f"process(es) -> {summary['out']}")
