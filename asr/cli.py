@@ -34,9 +34,8 @@ def _models_import(args: argparse.Namespace) -> None:
 def _data_synth(args: argparse.Namespace) -> None:
     from asr.data.synth import build_corpus
 
-    summary = build_corpus(Path(args.out), split=args.split, num=args.num, seed=args.seed, workers=args.workers,
-                           languages=tuple(args.languages.split(",")))
-    print(summary)
+    build_corpus(Path(args.out), split=args.split, num=args.num, seed=args.seed, workers=args.workers,
+                 languages=tuple(args.languages.split(",")))  # prints its own summary line
 
 
 def _pseudo_label(args: argparse.Namespace) -> None:
