@@ -149,9 +149,8 @@ def test_retrained_checkpoint_re_exports_and_drops_the_stale_export(ct2_cache, t
         return out
 
     monkeypatch.setattr(export, "export_ct2", fake_export)
-    student = tmp_path / "student"  # a model directory whose weights only need a size and an mtime here
-    shutil.copytree(resolve_model("whisper-tiny.en"), student, ignore=shutil.ignore_patterns("model.safetensors"))
-    (student / "model.safetensors").write_bytes(b"weights")
+    student = tmp_path / "student"  # a copy of a real model directory: only its weights' mtime changes below
+    shutil.copytree(resolve_model("whisper-tiny.en"), student)
     before = ct2_cache_dir(str(student))
     assert before != ct2_cache_dir("whisper-tiny.en") and before.parent.name.startswith("student-")
     assert export.export_cached(str(student)) == export.export_cached(str(student)) == before

@@ -11,6 +11,8 @@ from typing import Any, Protocol
 
 import torch
 
+from asr.models.loading import prompt_ids
+
 
 @dataclass
 class Decoded:
@@ -58,10 +60,14 @@ class HfEngine:
     def decode(self, encoded: torch.Tensor, language: str, max_new_tokens: int, **generate_kwargs) -> list[Decoded]:
         from transformers.modeling_outputs import BaseModelOutput
 
+        # One generate pass, as for any <=30 s clip. Without force_unique_generate_call, Whisper's long-form loop
+        # re-enters when a (collapsed) student ends a segment on a timestamp token, and then fails without
+        # input_features (transformers 5.23). With it, the rows start with the prompt: cut it off.
         ids = self.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=encoded), do_sample=False,
-                                  num_beams=1, max_new_tokens=max_new_tokens, **self.language_kwargs(language),
-                                  **generate_kwargs)
-        return split_rows(ids.tolist(), self.eos_token_id, max_new_tokens)
+                                  num_beams=1, max_new_tokens=max_new_tokens, force_unique_generate_call=True,
+                                  **self.language_kwargs(language), **generate_kwargs)
+        prompt = len(prompt_ids(None, self.model.generation_config, language))
+        return split_rows(ids[:, prompt:].tolist(), self.eos_token_id, max_new_tokens)
 
 
 class MemoizedEncoder:
