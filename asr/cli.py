@@ -39,7 +39,7 @@ def _data_synth(args: argparse.Namespace) -> None:
 
 
 def _pseudo_label(args: argparse.Namespace) -> None:
-    from asr.data.pseudo_label import PseudoLabelOptions, pseudo_label, summary_line
+    from asr.train.pseudo_label import PseudoLabelOptions, pseudo_label, summary_line
 
     opts = PseudoLabelOptions(wer_threshold=args.wer_threshold, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
                               language=args.language, nproc=args.nproc, batch_size=args.batch_size, limit=args.limit)

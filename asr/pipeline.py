@@ -46,6 +46,23 @@ def resolve_data(recipe: Recipe) -> Recipe:
                                                                 synth_train=None, synth_eval=None))
 
 
+def check_inputs(recipe: Recipe) -> None:
+    """A teacher or dataset that cannot load stops the run before its directory exists; errors name the key."""
+    from asr.data.loading import DatasetRef, check_dataset
+    from asr.models.registry import resolve_model
+
+    try:
+        resolve_model(recipe.teacher)
+    except AsrError as exc:
+        raise AsrError(f"teacher: {exc}") from None
+    refs = [(f"data.{key}[{i}]", ref) for key in ("train", "eval") for i, ref in enumerate(getattr(recipe.data, key))]
+    for key, ref in refs + ([("prune.calibration", recipe.prune.calibration)] if recipe.prune.calibration else []):
+        try:
+            check_dataset(DatasetRef.parse(ref))
+        except AsrError as exc:
+            raise AsrError(f"{key}: {exc}") from None
+
+
 def versions() -> dict:
     """Package versions and the git commit of the code that ran."""
     out = {}
@@ -86,6 +103,7 @@ def prepare_run(recipe_path: Path, overrides: list[str], run_dir: Path | None) -
                 raise AsrError(f"{run_dir} already holds a different recipe; use a new --run-dir or no overrides")
         return stored, run_dir
     recipe = resolve_data(recipe)
+    check_inputs(recipe)
     if run_dir is None:
         run_dir = find_resumable(recipe, Path("runs"))
         if run_dir is not None:

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from asr.train.objectives import IGNORE_INDEX, ce_loss, kd_loss, kl_teacher_student, turbo_lr_factor
+from asr.train.objectives import (IGNORE_INDEX, ce_loss, kd_loss, kd_loss_topk, kl_teacher_student,
+                                  turbo_lr_factor)
 
 
 def _logits(*rows: list[float]) -> torch.Tensor:
@@ -63,3 +64,34 @@ def test_turbo_schedule_warmup_then_linear_decay():
     assert f[:3] == [0.5, 1.0, 1.0]
     assert f[6] == pytest.approx(0.5) and f[10] == 0.0
     assert turbo_lr_factor(7, 2, 10, "constant") == 1.0
+
+
+def test_kd_loss_topk_matches_hand_computation():
+    # position 0 (labelled 1): teacher keeps ids (2, 0) with p = 0.6, 0.2 (0.2 of its mass is outside the top 2);
+    # renormalized p = (3/4, 1/4). The student's logits at ids 2 and 0 are equal, so restricted q = (1/2, 1/2).
+    # Position 1 is masked: its wildly different top-K must not count.
+    student = _logits([0.0, 7.0, 0.0, -2.0], [5.0, -5.0, 0.0, 0.0])
+    ids = torch.tensor([[[2, 0], [1, 3]]])
+    logprobs = torch.tensor([[[math.log(0.6), math.log(0.2)], [math.log(0.9), math.log(0.05)]]])
+    labels = torch.tensor([[1, IGNORE_INDEX]])
+    kl_t1 = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    out = kd_loss_topk(student, ids, logprobs, labels, temperature=1.0, alpha_kl=1.0, alpha_ce=0.0)
+    assert out["kl"].item() == pytest.approx(kl_t1, abs=1e-6)
+    # T=2: tempered teacher over its top 2 is ∝ (√0.6, √0.2) = (√3, 1) / (1 + √3); student stays uniform
+    p1 = math.sqrt(3) / (1 + math.sqrt(3))
+    kl_t2 = p1 * math.log(p1 / 0.5) + (1 - p1) * math.log((1 - p1) / 0.5)
+    ce = math.log(2 + math.exp(7) + math.exp(-2)) - 7  # full-vocabulary CE of label 1 at position 0
+    out = kd_loss_topk(student, ids, logprobs, labels)  # defaults: T=2, α_kl=0.8, α_ce=1.0
+    assert out["kl"].item() == pytest.approx(kl_t2, abs=1e-6)
+    assert out["ce"].item() == pytest.approx(ce, abs=1e-6)
+    assert out["loss"].item() == pytest.approx(0.8 * 4 * kl_t2 + ce, abs=1e-6)
+
+
+def test_kd_loss_topk_with_the_whole_vocabulary_is_kd_loss():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    labels = torch.tensor([[1, 2, IGNORE_INDEX], [0, IGNORE_INDEX, IGNORE_INDEX]])
+    logprobs, ids = torch.log_softmax(teacher, -1).topk(5, dim=-1)
+    full, cached = kd_loss(student, teacher, labels), kd_loss_topk(student, ids, logprobs, labels)
+    for key in ("loss", "kl", "ce"):
+        assert cached[key].item() == pytest.approx(full[key].item(), abs=1e-6)

@@ -114,6 +114,28 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+def _safetensors_size(file: Path) -> int | None:
+    """The size a safetensors file must have (8-byte header length + JSON header + data), or None if unreadable."""
+    try:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > file.stat().st_size - 8:
+                return None
+            header = json.loads(f.read(n))
+        return 8 + n + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+def check_weights(model_dir: Path) -> None:
+    """Refuse weights cut off mid-write (a killed run, a full disk): transformers would fail deep inside."""
+    for file in sorted(model_dir.glob("*.safetensors")):
+        size, expected = file.stat().st_size, _safetensors_size(file)
+        if size != expected:
+            raise AsrError(f"{file}: truncated or corrupt ({size} bytes" + (f", its header says {expected}" if expected
+                           else "") + "); it was not fully written, use an earlier checkpoint or re-create it")
+
+
 def resolve_model(ref: str) -> str:
     """Turn a model reference into something `from_pretrained` loads: a local directory or a hub id."""
     if ref in REGISTRY:
@@ -123,10 +145,16 @@ def resolve_model(ref: str) -> str:
         if (path / "model.bin").is_file():
             raise AsrError(f"{ref}: this is a CTranslate2 export; benchmark it with `--engine ct2`, or pass the "
                            "Hugging Face model it was exported from")
+        if (path / "hf" / "config.json").is_file():  # a training checkpoint: its consolidated student
+            path = path / "hf"
+        elif (path / "final" / "config.json").is_file():  # a run directory: its final student
+            path = path / "final"
         if (path / "config.json").is_file() and (path / "preprocessor_config.json").is_file():
+            check_weights(path)
             return str(path)
-        if (path / "final" / "config.json").is_file():  # a run directory: its final student
-            return str(path / "final")
+        if (path / "checkpoints").is_dir():
+            raise AsrError(f"{ref}: run directory without a final student (training did not finish); pass one of "
+                           f"its checkpoints, e.g. {ref}/checkpoints/step-000002, or re-run `asr run` to finish it")
         raise AsrError(f"{ref}: directory is not a Hugging Face Whisper model (no config.json and "
                        "preprocessor_config.json); for CTranslate2 files run `asr models import DIR --out OUT`")
     if _HUB_ID.match(ref) and not path.exists():
@@ -134,8 +162,9 @@ def resolve_model(ref: str) -> str:
             from huggingface_hub import try_to_load_from_cache
 
             if not isinstance(try_to_load_from_cache(ref, "config.json"), str):
-                raise AsrError(f"{ref}: hub id not in the local cache and HF_HUB_OFFLINE is set; "
-                               f"use a registry name ({', '.join(REGISTRY)}) or a local directory")
+                raise AsrError(f"{ref}: no such local directory, and as a hub id it is not in the local cache "
+                               f"(HF_HUB_OFFLINE is set); use a registry name ({', '.join(REGISTRY)}) or a local "
+                               "directory")
         return ref
     raise AsrError(f"{ref}: not a registry name ({', '.join(REGISTRY)}), a model directory or a hub id "
                    "(org/name); see `asr models list`")

@@ -6,6 +6,7 @@ naming the newest complete checkpoint). Everything is written under `step-000050
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -68,33 +69,77 @@ def consolidated_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] 
     return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
 
 
+LOW_SPACE = 16 * 2**20  # bytes free after a failed write that mean the disk filled up
+
+
+def _disk_full(exc: BaseException, where: Path) -> bool:
+    """ENOSPC anywhere in the exception chain, or a disk left (almost) full by the failed write: torch.save
+    reports ENOSPC as a RuntimeError ("unexpected pos ...") without an errno."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    try:
+        return shutil.disk_usage(where).free < LOW_SPACE
+    except OSError:
+        return False
+
+
+def _checkpoint_bytes(ckpt: Path | None) -> int:
+    try:
+        return sum(json.loads((ckpt / COMPLETE).read_text()).values()) if ckpt is not None else 0
+    except (OSError, ValueError):
+        return 0
+
+
 def save_checkpoint(engine, root: Path, step: int, client_state: dict, zero_stage: int, processor) -> Path:
-    """Collective: every rank writes its DeepSpeed shard; rank 0 adds the HF student, seals and renames."""
+    """Collective: every rank writes its DeepSpeed shard; rank 0 adds the HF student, seals and renames.
+
+    A full disk removes the partial `.tmp` and raises AsrError; `latest` still names the previous checkpoint.
+    """
     import torch.distributed as dist
 
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
-    if dist.get_rank() == 0:
+    try:
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        engine.save_checkpoint(str(tmp), tag="ds", client_state=client_state, save_latest=False)
+        state = consolidated_state_dict(engine, zero_stage)
+        if dist.get_rank() == 0:
+            engine.module.save_pretrained(tmp / "hf", state_dict=state)
+            processor.tokenizer.save_pretrained(tmp / "hf")
+            processor.feature_extractor.save_pretrained(tmp / "hf")
+            (tmp / "state.json").write_text(json.dumps({"step": step, **{k: v for k, v in client_state.items()
+                                                                         if k in ("losses",)}}))
+        dist.barrier()
+        if dist.get_rank() == 0:
+            _write_atomic(tmp / COMPLETE, json.dumps(_fsync_tree(tmp)))
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            _write_atomic(root / "latest", final.name)
+    except Exception as exc:  # noqa: BLE001  (only a full disk is turned into an AsrError; the rest re-raise)
+        if not _disk_full(exc, root):
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    engine.save_checkpoint(str(tmp), tag="ds", client_state=client_state, save_latest=False)
-    state = consolidated_state_dict(engine, zero_stage)
-    if dist.get_rank() == 0:
-        engine.module.save_pretrained(tmp / "hf", state_dict=state)
-        processor.tokenizer.save_pretrained(tmp / "hf")
-        processor.feature_extractor.save_pretrained(tmp / "hf")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **{k: v for k, v in client_state.items()
-                                                                     if k in ("losses",)}}))
-    dist.barrier()
-    if dist.get_rank() == 0:
-        _write_atomic(tmp / COMPLETE, json.dumps(_fsync_tree(tmp)))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        _write_atomic(root / "latest", final.name)
+        previous = latest_checkpoint(root)
+        need = _checkpoint_bytes(previous)
+        raise AsrError(f"no space left on the disk holding {root} while saving step {step}"
+                       + (f" (a checkpoint takes {need / 2**20:.0f} MB)" if need else "")
+                       + "; free space there or lower train.keep_last, then re-run the same command to resume from "
+                       + (previous.name if previous is not None else "the start")) from None
     dist.barrier()
     return final
+
+
+def _sealed(root: Path, path: Path) -> bool:
+    """A complete `step-N` directory of `root`; a `.tmp` never is, even when a hand-edited pointer names it."""
+    return path.parent == root and path.name.startswith("step-") and not path.name.endswith(".tmp") \
+        and is_complete(path)
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -102,9 +147,9 @@ def latest_checkpoint(root: Path) -> Path | None:
     pointer = root / "latest"
     if pointer.is_file():
         candidate = root / pointer.read_text().strip()
-        if is_complete(candidate):
+        if _sealed(root, candidate):
             return candidate
-    complete = sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp") and is_complete(p))
+    complete = sorted(p for p in root.glob("step-*") if _sealed(root, p))
     return complete[-1] if complete else None
 
 

@@ -15,22 +15,26 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from asr.data.features import Encoded, WhisperCollator, encode_sample
+from asr.data.features import IGNORE_INDEX, Encoded, WhisperCollator, encode_sample
 from asr.data.loading import DatasetRef, SkipStats, iter_samples, open_dataset
+from asr.train.pseudo_label import load_topk, settings_of
+from asr.errors import AsrError
 from asr.models.loading import weights_fingerprint
 
 
 def load_shard(datasets: Sequence[str], processor, generation_config, rank: int, world: int,
-               max_label_tokens: int, limit: int | None, language: str, stats: SkipStats) -> list[Encoded]:
-    """This rank's share of every training dataset, as encoded examples (bad samples skipped and counted)."""
+               max_label_tokens: int, limit: int | None, language: str, stats: SkipStats,
+               text_column: str | None = None) -> list[Encoded]:
+    """This rank's share of every training dataset, as encoded examples (bad samples skipped and counted);
+    `text_column` picks the target transcript (e.g. 'pseudo_label'), default the dataset's reference."""
     from datasets.distributed import split_dataset_by_node
 
     examples: list[Encoded] = []
     for ref in datasets:
         ds = split_dataset_by_node(open_dataset(DatasetRef.parse(ref)), rank=rank, world_size=world)
         per_rank = None if limit is None else -(-limit // world)
-        for sample in tqdm(iter_samples(ds, stats, default_language=language, limit=per_rank),
-                           desc=f"rank {rank}: encoding {DatasetRef.parse(ref).label}", unit="clip",
+        samples = iter_samples(ds, stats, default_language=language, limit=per_rank, text_column=text_column)
+        for sample in tqdm(samples, desc=f"rank {rank}: encoding {DatasetRef.parse(ref).label}", unit="clip",
                            disable=rank != 0):
             encoded = encode_sample(sample, processor, generation_config, max_label_tokens)
             if encoded is None:
@@ -53,7 +57,8 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int) -> l
 
 @dataclass
 class TrainBatches:
-    """Collated batches for any step, with `encoder_states` in place of features when cached."""
+    """Collated batches for any step, with `encoder_states` in place of features when cached, and the cached
+    teacher top-K (`topk_ids`, `topk_logprobs` [B, T, K], filled at the labelled positions) when given."""
 
     examples: list[Encoded]
     collator: WhisperCollator
@@ -61,6 +66,7 @@ class TrainBatches:
     seed: int
     rank: int
     encoder_states: torch.Tensor | None = None  # [N, frames, d_model] fp16
+    teacher_topk: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per example: ids, log-probs [P, K]
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -71,7 +77,43 @@ class TrainBatches:
         if self.encoder_states is not None:
             del batch["input_features"]
             batch["encoder_states"] = self.encoder_states[idx]
+        if self.teacher_topk is not None:
+            labels = batch["labels"]
+            k = self.teacher_topk[0][0].shape[1]
+            ids = torch.zeros((*labels.shape, k), dtype=torch.long)
+            logprobs = torch.zeros((*labels.shape, k), dtype=torch.float32)
+            for row, i in enumerate(idx):
+                mask = labels[row] != IGNORE_INDEX
+                ids[row, mask], logprobs[row, mask] = self.teacher_topk[i][0].long(), self.teacher_topk[i][1].float()
+            batch["topk_ids"], batch["topk_logprobs"] = ids, logprobs
         return batch
+
+
+def load_teacher_topk(examples: Sequence[Encoded], datasets: Sequence[str],
+                      teacher: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The cached teacher top-K of every example (same order), from `asr pseudo-label --top-k` folders."""
+    found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    wanted = {e.id for e in examples}
+    for ref in datasets:
+        settings = settings_of(Path(ref))
+        if settings is None or not settings.get("top_k"):
+            raise AsrError(f"{ref}: no cached teacher top-K; make the folder with `asr pseudo-label --teacher "
+                           f"{teacher} --data SOURCE --out DIR --top-k 16`, or set objective.teacher_cache=false")
+        if settings["teacher"] != teacher:
+            raise AsrError(f"{ref}: top-K came from teacher {settings['teacher']} but the recipe's teacher is "
+                           f"{teacher}; set teacher: {settings['teacher']} or re-run `asr pseudo-label` with {teacher}")
+        found.update(load_topk(Path(ref), wanted))
+    out = []
+    for e in examples:
+        if e.id not in found:
+            raise AsrError(f"{e.id}: no cached teacher top-K in {', '.join(datasets)}; re-run `asr pseudo-label` "
+                           "on its folder to finish it")
+        positions = sum(label != IGNORE_INDEX for label in e.labels)
+        if found[e.id][0].shape[0] != positions:
+            raise AsrError(f"{e.id}: cached top-K covers {found[e.id][0].shape[0]} label positions but the "
+                           f"transcript has {positions}; train on the pseudo-labels (data.labels=pseudo)")
+        out.append(found[e.id])
+    return out
 
 
 def _cache_key(examples: Sequence[Encoded], encoder) -> str:

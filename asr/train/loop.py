@@ -1,8 +1,9 @@
 """The recovery loop: one DeepSpeed engine around the student, an optional frozen teacher, checkpoints, bench.
 
 Per step each rank takes its batch (a pure function of seed, rank and step), runs the student decoder on
-shared encoder states (cached, or computed once for both models), the teacher decoder without gradients,
-and steps the engine. NaN/inf losses are skipped on every rank together and counted.
+shared encoder states (cached, or computed once for both models), the teacher decoder without gradients
+(or reads the teacher's cached top-K log-probs instead), and steps the engine. NaN/inf losses are skipped on
+every rank together and counted.
 """
 from __future__ import annotations
 
@@ -24,10 +25,10 @@ from asr.errors import AsrError
 from asr.models.loading import load_processor, load_whisper
 from asr.models.registry import cache_dir
 from asr.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from asr.train.data import TrainBatches, cache_encoder_states, load_shard
+from asr.train.data import TrainBatches, cache_encoder_states, load_shard, load_teacher_topk
 from asr.train.engine import Dist, build_engine, init_distributed, use_bf16
 from asr.train.evaluate import CheckpointBench
-from asr.train.objectives import ce_loss, kd_loss
+from asr.train.objectives import ce_loss, kd_loss, kd_loss_topk
 from asr.train.tracking import Tracker
 
 
@@ -67,17 +68,22 @@ class Trainer:
         self.processor = load_processor(str(student_dir))
         student = load_whisper(str(student_dir))
         self.teacher = None
-        if r.objective.method == "kd":
+        teacher_cache = r.objective.method == "kd" and r.objective.teacher_cache
+        if teacher_cache and r.data.labels != "pseudo":
+            raise AsrError("objective.teacher_cache: the cached top-K is aligned to the pseudo-labels; "
+                           "set data.labels=pseudo")
+        if r.objective.method == "kd" and not teacher_cache:
             self.teacher = load_whisper(r.teacher)
             check_compatible(student, self.teacher, str(student_dir), r.teacher)
             self.teacher.requires_grad_(False)
         if r.train.freeze_encoder:
             student.model.encoder.requires_grad_(False)
-        self.shared_encoder = r.train.freeze_encoder and (self.teacher is None or encoders_equal(student, self.teacher))
+        self.shared_encoder = r.train.freeze_encoder and r.train.share_encoder and (
+            self.teacher is None or encoders_equal(student, self.teacher))
         self.stats = SkipStats()
         examples = load_shard(r.data.train, self.processor, student.generation_config, self.dist.rank,
                               self.dist.world, r.data.max_label_tokens, r.data.train_limit, r.data.language,
-                              self.stats)
+                              self.stats, text_column="pseudo_label" if r.data.labels == "pseudo" else None)
         counts = torch.tensor([len(examples)], dtype=torch.long)
         dist.all_reduce(counts, op=dist.ReduceOp.MIN)
         if counts.item() == 0:
@@ -89,8 +95,14 @@ class Trainer:
                                           show_progress=self.dist.is_main)
             for e in examples:
                 e.input_features = e.input_features[:, :0]  # features are no longer needed: free the memory
+        topk = None
+        if teacher_cache:
+            topk = load_teacher_topk(examples, r.data.train, r.teacher)
+            if self.dist.is_main:
+                print(f"KD from cached teacher top-K (k={topk[0][0].shape[1]}) in {', '.join(r.data.train)}; "
+                      "teacher not loaded", flush=True)
         self.batches = TrainBatches(examples, WhisperCollator(student.generation_config.pad_token_id),
-                                    r.train.batch_size, r.train.seed, self.dist.rank, states)
+                                    r.train.batch_size, r.train.seed, self.dist.rank, states, topk)
         self.bf16 = use_bf16(r.train.bf16)
         if self.teacher is not None:
             self.teacher.to(self.dist.device, torch.bfloat16 if self.bf16 else torch.float32)
@@ -114,6 +126,10 @@ class Trainer:
         else:
             out = self.engine(input_features=batch["input_features"].to(dev, dtype), **decoder)
             encoder_states = out.encoder_last_hidden_state.detach()
+        o = self.recipe.objective
+        if "topk_ids" in batch:
+            return kd_loss_topk(out.logits, batch["topk_ids"].to(dev), batch["topk_logprobs"].to(dev), labels,
+                                o.temperature, o.alpha_kl, o.alpha_ce)
         if self.teacher is None:
             ce = ce_loss(out.logits, labels)
             return {"loss": ce, "ce": ce}
@@ -122,7 +138,6 @@ class Trainer:
                 teacher_logits = self.teacher(encoder_outputs=(encoder_states,), **decoder).logits
             else:
                 teacher_logits = self.teacher(input_features=batch["input_features"].to(dev, dtype), **decoder).logits
-        o = self.recipe.objective
         return kd_loss(out.logits, teacher_logits, labels, o.temperature, o.alpha_kl, o.alpha_ce)
 
     def stop_requested(self) -> bool:
@@ -171,6 +186,39 @@ class Trainer:
             prune_checkpoints(self.ckpt_root, self.recipe.train.keep_last, best)
         dist.barrier()
 
+    def save_if_due(self, step: int, history: list[dict]) -> bool:
+        """Checkpoint every save_every steps and at the end, or now if preemption is requested (then True: stop)."""
+        t = self.recipe.train
+        stop = step < t.max_steps and self.stop_requested()
+        if stop or step % t.save_every == 0 or step == t.max_steps:
+            self.checkpoint(step, history)
+        if not stop:
+            return False
+        if self.dist.is_main:
+            (self.run_dir / PREEMPTED).write_text(str(step))
+            print(f"preempted: checkpoint at step {step} saved; re-run to resume", flush=True)
+        return True
+
+    def train_step(self, step: int) -> tuple[dict[str, float] | None, int, int]:
+        """One optimizer step over grad_accum micro-batches: (mean loss parts, or None when a loss was not finite
+        on some rank and the gradients were dropped; samples; labelled tokens), counts over all ranks."""
+        t = self.recipe.train
+        parts_sum: dict[str, float] = {}
+        samples, tokens = 0, 0
+        for micro in range(t.grad_accum):
+            batch = self.batches.batch(step * t.grad_accum + micro)
+            samples += len(batch["labels"]) * self.dist.world
+            tokens += int((batch["labels"] != -100).sum()) * self.dist.world
+            parts = self.losses(batch)
+            if not self.all_finite(parts["loss"]):
+                self.engine.optimizer.zero_grad()
+                return None, samples, tokens
+            self.engine.backward(parts["loss"])
+            self.engine.step()
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v.item() / t.grad_accum
+        return parts_sum, samples, tokens
+
     def run(self) -> list[dict]:
         """Train to max_steps, or until preempted (then checkpoint and return; the job requeues and resumes)."""
         t = self.recipe.train
@@ -178,9 +226,6 @@ class Trainer:
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
         start, history = self.resume()
-        if self.dist.is_main:
-            (self.run_dir / PREEMPT).unlink(missing_ok=True)  # a requeued job starts afresh
-        dist.barrier()
         metrics_file = self.run_dir / "metrics.jsonl"
         if self.dist.is_main:  # the loss curve up to the checkpoint we resumed from, then appended per step
             metrics_file.write_text("".join(json.dumps(row) + "\n" for row in history))
@@ -189,27 +234,19 @@ class Trainer:
         bad_in_row, skipped, samples, tokens = 0, 0, 0, 0
         last_log = time.perf_counter()
         for step in range(start, t.max_steps):
-            parts_sum: dict[str, float] = {}
             lr = self.engine.get_lr()[0]  # the LR this step trains with (the scheduler moves it after the step)
-            ok = True
-            for micro in range(t.grad_accum):
-                batch = self.batches.batch(step * t.grad_accum + micro)
-                samples += len(batch["labels"]) * self.dist.world
-                tokens += int((batch["labels"] != -100).sum()) * self.dist.world
-                parts = self.losses(batch)
-                if not self.all_finite(parts["loss"]):
-                    ok = False
-                    break
-                self.engine.backward(parts["loss"])
-                self.engine.step()
-                for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + v.item() / t.grad_accum
-            if not ok:
+            parts_sum, step_samples, step_tokens = self.train_step(step)
+            samples, tokens = samples + step_samples, tokens + step_tokens
+            if parts_sum is None:  # the weights are still those of the last good step: checkpoints stay on schedule
                 bad_in_row, skipped = bad_in_row + 1, skipped + 1
-                self.engine.optimizer.zero_grad()
+                if self.dist.is_main:
+                    print(f"step {step + 1}/{t.max_steps} skipped: non-finite loss ({bad_in_row} in a row, "
+                          f"{skipped} in total)", flush=True)
                 if bad_in_row >= t.max_bad_steps:
-                    raise AsrError(f"{bad_in_row} non-finite losses in a row at step {step}; lower optim.lr or "
+                    raise AsrError(f"{bad_in_row} non-finite losses in a row at step {step + 1}; lower optim.lr or "
                                    "check the data (train.max_bad_steps sets the limit)")
+                if self.save_if_due(step + 1, history):
+                    return history
                 continue
             bad_in_row = 0
             mean = torch.tensor([parts_sum[k] for k in sorted(parts_sum)])
@@ -233,13 +270,7 @@ class Trainer:
                                                                         if k != "step")
                           + f" {samples / elapsed:.2f} samples/s", flush=True)
                 samples, tokens = 0, 0
-            if (step + 1) % t.save_every == 0 or step + 1 == t.max_steps:
-                self.checkpoint(step + 1, history)
-            elif self.stop_requested():
-                self.checkpoint(step + 1, history)
-                if self.dist.is_main:
-                    (self.run_dir / PREEMPTED).write_text(str(step + 1))
-                    print(f"preempted: checkpoint at step {step + 1} saved; re-run to resume", flush=True)
+            if self.save_if_due(step + 1, history):
                 return history
         if self.dist.is_main:
             (self.run_dir / PREEMPTED).unlink(missing_ok=True)

@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
@@ -355,8 +356,9 @@ def pseudo_label(teacher: str, data: str, out: Path, opts: PseudoLabelOptions | 
         if world == 1:
             results = [label_shard(jobs[0])]
         else:
-            with multiprocessing.get_context("spawn").Pool(world) as pool:
-                results = pool.map(label_shard, jobs)
+            # a process pool that raises (BrokenProcessPool) if a worker is killed, instead of waiting forever
+            with ProcessPoolExecutor(world, mp_context=multiprocessing.get_context("spawn")) as pool:
+                results = list(pool.map(label_shard, jobs))
         for result in results:
             for reason, n in result["counts"].items():
                 stats.counts[reason] += n
@@ -380,16 +382,19 @@ def pseudo_label(teacher: str, data: str, out: Path, opts: PseudoLabelOptions | 
 
 
 def load_topk(folder: Path, ids: set[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Cached teacher top-K of the requested clips: id -> (ids int32 [P, K], log-probs fp16 [P, K])."""
+    """Cached teacher top-K of the requested clips: id -> (ids int32 [P, K], log-probs fp16 [P, K]), each read
+    from the file its progress record names (a killed run's unreferenced files are never read)."""
     from safetensors import safe_open
 
+    by_file: dict[str, list[str]] = {}
+    for record in read_records(Path(folder)):
+        if record["kept"] and record["file_name"] in ids and record.get("topk_file"):
+            by_file.setdefault(record["topk_file"], []).append(record["file_name"])
     found = {}
-    for path in sorted((Path(folder) / TOPK).glob("*.safetensors")):
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                clip = key[:-len(".ids")]
-                if key.endswith(".ids") and clip in ids:
-                    found[clip] = (f.get_tensor(key), f.get_tensor(f"{clip}.logprobs"))
+    for name, clips in sorted(by_file.items()):
+        with safe_open(Path(folder) / TOPK / name, framework="pt") as f:
+            for clip in clips:
+                found[clip] = (f.get_tensor(f"{clip}.ids"), f.get_tensor(f"{clip}.logprobs"))
     return found
 
 

@@ -1,0 +1,227 @@
+"""Pseudo-labelling with whisper-tiny.en: every filter reason, resume without re-transcribing, sharding over two
+processes, the top-K round trip, and KD from the cached top-K with no teacher in the training loop."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import yaml
+
+from asr.bench.engines import Decoded
+from asr.cli import main as asr_main
+from asr.data.features import label_layout, log_mel
+from asr.data.loading import DatasetRef, SkipStats, iter_samples, open_dataset
+from asr.train.pseudo_label import PROGRESS, drop_reason, load_topk
+
+TEACHER = "whisper-tiny.en"
+MISLABELLED = "Seven green tables are floating above the quiet harbour."
+TOP_K = 4
+
+
+def _cli(*argv: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        asr_main(list(argv))
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def source(speech_folder, tmp_path_factory) -> Path:
+    """Three good clips, one whose reference is another sentence (WER ≈ 100%), and 10 s of faint noise (tiny.en
+    writes '.', which normalizes to nothing)."""
+    root = tmp_path_factory.mktemp("pl-source")
+    refs = {row["file_name"]: row["transcription"] for row in csv.DictReader(open(speech_folder / "metadata.csv"))}
+    rows = []
+    for name in ("clip0.wav", "clip1.wav", "clip3.wav"):
+        shutil.copy(speech_folder / name, root / name)
+        rows.append((name, refs[name]))
+    shutil.copy(speech_folder / "clip5.wav", root / "mislabelled.wav")
+    rows.append(("mislabelled.wav", MISLABELLED))
+    noise = np.random.default_rng(0).normal(0, 1e-3, 16000 * 10).astype(np.float32)
+    sf.write(root / "noise.wav", noise, 16000, subtype="PCM_16")
+    rows.append(("noise.wav", "Nothing was said here."))
+    with open(root / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file_name", "transcription"])
+        writer.writerows(rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def labelled(source, tmp_path_factory):
+    """A run stopped after the first 2 rows (--limit), then the same command without it on 2 processes."""
+    out = tmp_path_factory.mktemp("pl") / "out"
+    args = ["pseudo-label", "--teacher", TEACHER, "--data", str(source), "--out", str(out), "--wer-threshold", "50",
+            "--top-k", str(TOP_K), "--batch-size", "2"]
+    first_line = _cli(*args, "--limit", "2")
+    first = json.loads((out / "summary.json").read_text())
+    progress_after_first = {p.name for p in (out / PROGRESS).iterdir()}
+    second_line = _cli(*args, "--nproc", "2")
+    return {"out": out, "first": first, "second": json.loads((out / "summary.json").read_text()),
+            "first_progress": progress_after_first, "lines": (first_line, second_line)}
+
+
+def _progress(out: Path, names=None) -> list[dict]:
+    return [json.loads(line) for p in sorted((out / PROGRESS).iterdir()) if names is None or p.name in names
+            for line in p.read_text().splitlines()]
+
+
+def test_resume_transcribes_each_clip_once_and_shards_over_two_processes(labelled, source):
+    out, first, second = labelled["out"], labelled["first"], labelled["second"]
+    assert (first["labelled"], first["transcribed_this_run"], first["processes"]) == (2, 2, 1)
+    assert (second["labelled"], second["transcribed_this_run"], second["processes"]) == (5, 3, 2)
+    records = _progress(out)
+    assert sorted(r["source_id"] for r in records) == sorted(p.name for p in source.glob("*.wav"))  # once each
+    first_ids = {r["source_id"] for r in _progress(out, labelled["first_progress"])}
+    assert first_ids == {"clip0.wav", "clip1.wav"}  # --limit 2 = the first two rows
+    later = [p for p in (out / PROGRESS).iterdir() if p.name not in labelled["first_progress"]]
+    assert len(later) == 2 and all(p.read_text().strip() for p in later)  # one progress file per process
+    assert "pseudo-labelled 5 clips with whisper-tiny.en: kept 3, dropped 2" in labelled["lines"][1]
+
+
+def test_filters_drop_by_reason_and_the_folder_is_a_dataset(labelled, source):
+    out, summary = labelled["out"], labelled["second"]
+    records = {r["source_id"]: r for r in _progress(out)}
+    assert summary["dropped"] == {"WER above threshold": 1, "empty output": 1}
+    assert records["mislabelled.wav"]["reason"] == "WER above threshold"
+    assert records["mislabelled.wav"]["pseudo_wer"] > 50
+    assert records["noise.wav"]["reason"] == "empty output"
+    kept = sorted(n for n, r in records.items() if r["kept"])
+    assert kept == ["clip0.wav", "clip1.wav", "clip3.wav"] and all(records[n]["pseudo_wer"] <= 50 for n in kept)
+    assert json.loads((out / "summary.json").read_text()) == summary
+    # the audiofolder: hard-linked audio of the kept clips only, metadata with the reference and the pseudo-label
+    assert sorted(p.name for p in out.glob("*.wav")) == kept
+    assert all(os.path.samefile(out / n, source / n) for n in kept)
+    rows = list(csv.DictReader(open(out / "metadata.csv", encoding="utf-8")))
+    assert list(rows[0]) == ["file_name", "transcription", "pseudo_label", "pseudo_wer", "language"]
+    assert [r["file_name"] for r in rows] == kept
+    ds = open_dataset(DatasetRef.parse(str(out)))
+    pseudo = {s.id: s.text for s in iter_samples(ds, SkipStats(), text_column="pseudo_label")}
+    gold = {s.id: s.text for s in iter_samples(ds, SkipStats())}
+    assert pseudo == {n: records[n]["pseudo_label"] for n in kept}
+    assert gold == {n: records[n]["transcription"] for n in kept}
+    assert pseudo["clip1.wav"] == gold["clip1.wav"]  # tiny.en gets this flite sentence exactly right
+
+
+def test_topk_round_trip_matches_a_fresh_teacher_forward(labelled, source):
+    from asr.models.loading import load_processor, load_whisper
+
+    out = labelled["out"]
+    records = {r["file_name"]: r for r in _progress(out) if r["kept"]}
+    stored = load_topk(out, set(records))
+    assert set(stored) == set(records)
+    model, processor = load_whisper(TEACHER), load_processor(TEACHER)
+    for name, record in records.items():
+        ids, logprobs = stored[name]
+        decoder_ids, labels = label_layout(processor.tokenizer, model.generation_config, record["pseudo_label"], "en")
+        assert ids.dtype == torch.int32 and logprobs.dtype == torch.float16
+        assert ids.shape == (sum(label != -100 for label in labels), TOP_K)
+        audio, _ = sf.read(source / name, dtype="float32")
+        with torch.inference_mode():  # one clip alone, unpadded: a different batch than the one that stored it
+            logits = model(input_features=log_mel(processor.feature_extractor, audio),
+                           decoder_input_ids=torch.tensor([decoder_ids])).logits[0]
+        fresh = torch.log_softmax(logits[[j for j, label in enumerate(labels) if label != -100]], dim=-1)
+        values, _ = fresh.topk(TOP_K, dim=-1)
+        torch.testing.assert_close(logprobs.float(), values, atol=2e-2, rtol=2e-3)  # fp16 storage
+        torch.testing.assert_close(logprobs.float(), fresh.gather(-1, ids.long()), atol=2e-2, rtol=2e-3)
+
+
+def test_drop_reasons_on_constructed_outputs():
+    ref = "we will meet at the station tomorrow"
+    assert drop_reason("We will meet at the station tomorrow.", ref, "en", False, 10) == (None, 0.0)
+    assert drop_reason(" ... ", ref, "en", False, 10)[0] == "empty output"
+    assert drop_reason("the the the the the", ref, "en", False, 10)[0] == "repetition loop"
+    assert drop_reason("We will meet at the station", ref, "en", True, 10)[0] == "hit the token cap"
+    assert drop_reason("WE WILL MEET AT THE STATION TOMORROW", ref, "en", False, 10)[0] == "all-uppercase output"
+    assert drop_reason("I", "I", "en", False, 10)[0] is None  # one capital is not shouting
+    assert drop_reason("We will meet at the station.", ref, "en", False, 10) == ("WER above threshold", 14.29)
+    assert drop_reason("We will meet at the station.", ref, "en", False, 15) == (None, 14.29)
+
+
+def test_loop_and_uppercase_outputs_are_counted_in_the_summary(monkeypatch, tmp_path, speech_folder):
+    # No clip we can synthesize makes tiny.en loop or shout on demand (and a random micro teacher just runs to
+    # the token cap), so the teacher's decoded tokens are replaced; everything else (audio, encoder, filters,
+    # folder, summary) is the real path.
+    from asr.bench.engines import HfEngine
+    from asr.models.loading import load_processor
+
+    tokenizer = load_processor(TEACHER).tokenizer
+    outputs = iter([" Please call Stella. Call Stella. Call Stella. Call Stella. Call Stella.",
+                    " THE QUICK BROWN FOX"])
+
+    def scripted_decode(self, encoded, language, max_new_tokens, **kwargs):
+        return [Decoded(tokenizer(next(outputs), add_special_tokens=False).input_ids, False) for _ in encoded]
+
+    monkeypatch.setattr(HfEngine, "decode", scripted_decode)
+    out = tmp_path / "out"
+    line = _cli("pseudo-label", "--teacher", TEACHER, "--data", str(speech_folder), "--out", str(out),
+                "--limit", "2", "--batch-size", "1")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dropped"] == {"repetition loop": 1, "all-uppercase output": 1} and summary["kept"] == 0
+    assert "dropped 2 (1 repetition loop, 1 all-uppercase output)" in line
+
+
+# Proves the trainer never loads the teacher: any load_whisper(teacher) from asr/train/loop.py fails the run.
+# (The checkpoint benchmark still loads it, as the baseline row.)
+_HOOK = """
+import sys
+import asr.models.loading as loading
+_load = loading.load_whisper
+def load_whisper(ref, *args, **kwargs):
+    if ref == {teacher!r} and sys._getframe(1).f_code.co_filename.endswith("train/loop.py"):
+        raise RuntimeError("the trainer loaded the teacher although objective.teacher_cache is on")
+    return _load(ref, *args, **kwargs)
+loading.load_whisper = load_whisper
+"""
+
+
+def test_kd_from_cached_topk_does_not_load_the_teacher(labelled, speech_folder, tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_HOOK.format(teacher=TEACHER))
+    recipe = {"name": "cached", "teacher": TEACHER, "prune": {"keep": [0, 3]},
+              "data": {"train": [str(labelled["out"])], "eval": [str(speech_folder)], "labels": "pseudo"},
+              "objective": {"method": "kd", "teacher_cache": True}, "optim": {"lr": 1e-3},
+              "eval": {"limit": 2, "batch_size": 2, "max_new_tokens": 6, "latency_clips": 1, "warmup": 0},
+              "train": {"max_steps": 2, "batch_size": 2, "save_every": 2, "log_every": 1, "nproc": 1},
+              "tracking": {"wandb": False}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-m", "asr", "run", str(tmp_path / "r.yaml"), "--run-dir",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert f"KD from cached teacher top-K (k={TOP_K})" in proc.stdout and "teacher not loaded" in proc.stdout
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["kl"] > 0 and r["ce"] > 0 for r in rows)
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
+
+
+def test_train_batches_carry_topk_at_the_labelled_positions():
+    from asr.data.features import Encoded, WhisperCollator
+    from asr.train.data import TrainBatches, batch_indices
+
+    def example(name, labels):
+        return Encoded(name, np.zeros((80, 3000), np.float32), [1] * len(labels), labels, "x", "en")
+
+    examples = [example("a", [-100, 5, 6, 7]), example("b", [-100, -100, 8, 9, 10, 11])]
+    topk = [(torch.arange(6, dtype=torch.int32).view(3, 2), torch.full((3, 2), -0.5, dtype=torch.float16)),
+            (torch.arange(8, dtype=torch.int32).view(4, 2) + 100, torch.full((4, 2), -1.5, dtype=torch.float16))]
+    batches = TrainBatches(examples, WhisperCollator(0), batch_size=2, seed=0, rank=0, teacher_topk=topk)
+    batch = batches.batch(0)
+    for row, i in enumerate(batch_indices(0, len(examples), 2, seed=0, rank=0)):
+        mask = batch["labels"][row] != -100
+        assert torch.equal(batch["topk_ids"][row, mask], topk[i][0].long())
+        assert torch.equal(batch["topk_logprobs"][row, mask], topk[i][1].float())
+        assert not batch["topk_ids"][row, ~mask].any() and not batch["topk_logprobs"][row, ~mask].any()
+    assert batch["topk_ids"].shape == (2, 6, 2)
