@@ -153,6 +153,8 @@ def run_pipeline(recipe_path: Path, overrides: list[str], run_dir: Path | None, 
     if stage in ("all", "train"):
         code = launch_training(run_dir, nproc or recipe.train.nproc)
         if code != 0:
+            if (run_dir / "ERROR").is_file():  # a rank stopped on a user-facing problem: say that, not "crashed"
+                raise AsrError((run_dir / "ERROR").read_text().strip())
             raise AsrError(f"training failed (exit code {code}); see the log above, then re-run the same command "
                            "to resume from the last checkpoint")
         if (run_dir / PREEMPTED).is_file():

@@ -177,9 +177,6 @@ def test_kill_9_during_a_checkpoint_write_never_loads_the_partial_one(tmp_path, 
     assert_same_curve(reference, run)
 
 
-@pytest.mark.xfail(strict=True, reason="torchrun starts every rank in a session of its own, so kill -9 of `asr run` "
-                                       "and torchrun leaves the ranks training into the run directory; fix: "
-                                       "prctl(PR_SET_PDEATHSIG, SIGKILL) at the top of asr/train/main.py")
 def test_ranks_die_with_a_killed_launcher(tmp_path, micro_teacher, speech_folder):
     run, log = tmp_path / "run", tmp_path / "run.log"
     recipe = fast_recipe(tmp_path / "recipe.yaml", micro_teacher, speech_folder, speech_folder,

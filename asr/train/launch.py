@@ -22,7 +22,7 @@ def training_env() -> dict[str, str]:
 
 def launch_training(run_dir: Path, nproc: int, module: str = "asr.train.main", args: tuple[str, ...] = ()) -> int:
     """Run `module RUN_DIR [args]` (default the recovery run) on `nproc` local processes; returns the exit code."""
-    for stale in ("PREEMPT", "PREEMPTED"):  # a new attempt starts afresh (Slurm's train.sbatch does the same)
+    for stale in ("PREEMPT", "PREEMPTED", "ERROR"):  # a new attempt starts afresh (Slurm's train.sbatch does the same)
         (run_dir / stale).unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", module, str(run_dir), *args]

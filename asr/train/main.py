@@ -9,11 +9,26 @@ from pathlib import Path
 from asr.errors import AsrError
 
 
+ERROR = "ERROR"  # the first rank error of the last attempt, for `asr run` to report
+
+
+def die_with_launcher() -> None:
+    """Ranks must not outlive a killed torchrun (they would race a re-run in the same run directory)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the launcher died before prctl took effect
+            os._exit(1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="one rank of a recovery run (normally started by `asr run`)")
     parser.add_argument("run_dir")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     args = parser.parse_args()
+    die_with_launcher()
     from asr.config import load_recipe
     from asr.train.loop import Trainer
 
@@ -24,6 +39,7 @@ def main() -> None:
         trainer.engine.destroy()
     except AsrError as exc:
         print(f"error (rank {os.environ.get('RANK', '0')}): {exc}", file=sys.stderr, flush=True)
+        (Path(args.run_dir) / ERROR).write_text(str(exc))  # `asr run` shows it as its one-line error
         code = 2
     import torch.distributed as dist
 
