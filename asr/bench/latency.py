@@ -18,23 +18,26 @@ from asr.data.loading import SAMPLE_RATE, Sample
 
 
 class PeakRss:
-    """Highest resident set size (MB) of this process while the block runs, sampled every 5 ms."""
+    """Highest resident set size (MB) of this process, sampled every 5 ms and charged to the current engine."""
+
+    def __init__(self, slots: int):
+        self.peak_mb, self.current = [0.0] * slots, 0
 
     def __enter__(self) -> "PeakRss":
-        self._proc, self._stop, self.peak_mb = psutil.Process(), threading.Event(), 0.0
+        self._proc, self._stop = psutil.Process(), threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)
+            rss = self._proc.memory_info().rss / 2**20
+            self.peak_mb[self.current] = max(self.peak_mb[self.current], rss)
             time.sleep(0.005)
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)
 
 
 def time_clip(engine: Engine, processor, sample: Sample, max_new_tokens: int) -> dict:
@@ -50,24 +53,32 @@ def time_clip(engine: Engine, processor, sample: Sample, max_new_tokens: int) ->
             "tokens": tokens, "audio_s": len(sample.audio) / SAMPLE_RATE}
 
 
-def measure_latency(engine: Engine, processor, samples: Sequence[Sample], warmup: int = 2,
-                    max_new_tokens: int = 128, progress=None) -> tuple[dict, list[dict]]:
-    """Latency summary (p50/p95, per-token decoder time, real-time factor, peak RSS) and per-clip rows."""
-    for sample in samples[:warmup]:
-        time_clip(engine, processor, sample, max_new_tokens)
-    with PeakRss() as rss:
-        rows = []
-        for sample in samples:
-            rows.append(time_clip(engine, processor, sample, max_new_tokens))
-            if progress is not None:
-                progress(1)
+def _summary(rows: list[dict], warmup: int, peak_mb: float) -> dict:
     enc = np.array([r["encoder_ms"] for r in rows])
     dec_per_token = np.array([r["decoder_ms"] / max(r["tokens"], 1) for r in rows])
     total = enc + np.array([r["decoder_ms"] for r in rows])
     audio_s = sum(r["audio_s"] for r in rows)
-    summary = {"clips": len(rows), "warmup": warmup,
-               "encoder_ms_p50": float(np.median(enc)), "decoder_ms_per_token_p50": float(np.median(dec_per_token)),
-               "total_ms_p50": float(np.median(total)), "total_ms_p95": float(np.percentile(total, 95)),
-               "rtfx": audio_s / (total.sum() / 1e3), "peak_rss_mb": rss.peak_mb,
-               "tokens_per_clip_mean": float(np.mean([r["tokens"] for r in rows]))}
-    return summary, rows
+    return {"clips": len(rows), "warmup": warmup,
+            "encoder_ms_p50": float(np.median(enc)), "decoder_ms_per_token_p50": float(np.median(dec_per_token)),
+            "total_ms_p50": float(np.median(total)), "total_ms_p95": float(np.percentile(total, 95)),
+            "rtfx": audio_s / (total.sum() / 1e3), "peak_rss_mb": peak_mb,
+            "tokens_per_clip_mean": float(np.mean([r["tokens"] for r in rows]))}
+
+
+def measure_latency(engines: Sequence[Engine], processors: Sequence, samples: Sequence[Sample], warmup: int = 2,
+                    max_new_tokens: int = 128, progress=None) -> list[tuple[dict, list[dict]]]:
+    """Latency summary (p50/p95, per-token decoder time, real-time factor, peak RSS) and per-clip rows for each
+    engine. Engines are timed interleaved, clip by clip, so load from elsewhere on the machine hits all of them
+    alike and their ratios stay meaningful."""
+    for sample in samples[:warmup]:
+        for engine, processor in zip(engines, processors):
+            time_clip(engine, processor, sample, max_new_tokens)
+    rows: list[list[dict]] = [[] for _ in engines]
+    with PeakRss(len(engines)) as rss:
+        for sample in samples:
+            for i, (engine, processor) in enumerate(zip(engines, processors)):
+                rss.current = i
+                rows[i].append(time_clip(engine, processor, sample, max_new_tokens))
+            if progress is not None:
+                progress(1)
+    return [(_summary(r, warmup, rss.peak_mb[i]), r) for i, r in enumerate(rows)]

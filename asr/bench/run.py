@@ -106,7 +106,7 @@ def score(model: str, dataset: str, samples, hyps) -> tuple[dict, list[dict]]:
 
 
 def bench_one(engine, processor, model, label: str, samples, opts: BenchOptions, out_dir: Path,
-              encoder_memo: dict | None = None) -> dict:
+              encoder_memo: dict | None = None, latency: bool = True) -> dict:
     """One (model, dataset) record: accuracy, latency, and the optional streaming / speculative figures.
 
     With `encoder_memo` (shared only among models with identical encoder weights) the accuracy pass reuses
@@ -120,9 +120,10 @@ def bench_one(engine, processor, model, label: str, samples, opts: BenchOptions,
     with open(out_dir / f"clips-{engine.name}-{label}.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in clips)
     timed = samples[:opts.latency_clips]
-    with tqdm(total=len(timed), desc=f"{engine.name} on {label}: latency", unit="clip") as bar:
-        record["latency"], _ = measure_latency(engine, processor, timed, opts.warmup, opts.max_new_tokens,
-                                               progress=bar.update)
+    if latency:
+        with tqdm(total=len(timed), desc=f"{engine.name} on {label}: latency", unit="clip") as bar:
+            [(record["latency"], _)] = measure_latency([engine], [processor], timed, opts.warmup,
+                                                       opts.max_new_tokens, progress=bar.update)
     record.update(params=sum(p.numel() for p in model.parameters()), encoder_layers=model.config.encoder_layers,
                   decoder_layers=model.config.decoder_layers, engine=opts.engine,
                   decoder_weights_per_token=decoder_weights_per_token(model.config))
@@ -158,14 +159,15 @@ def run_bench(models: Sequence[str], datasets: Sequence[str], out_dir: Path, opt
         print(f"{label}: {len(samples)} clips; {stats.summary()}")
     labels = [model_label(m) for m in models]
     teachers = {model_label(m): model_label(teacher_of(m, models)) for m in models}
-    records = []
+    records, engines = [], []
     memos: dict[tuple[str, str], dict] = {}  # (encoder weights, dataset) -> encoder states per clip
     for ref in models:
         engine, processor, model = load_engine(ref, opts.engine)
+        engines.append((engine, processor))
         encoder = weights_fingerprint(model.model.encoder)
         for label, samples, _ in loaded:
             memo = memos.setdefault((encoder, label), {}) if opts.engine == "hf" else None
-            records.append(bench_one(engine, processor, model, label, samples, opts, out_dir, memo))
+            records.append(bench_one(engine, processor, model, label, samples, opts, out_dir, memo, latency=False))
         if opts.assistant is not None and engine.name == teachers[engine.name]:
             from asr.bench.speculative import speculative_check
 
@@ -174,7 +176,14 @@ def run_bench(models: Sequence[str], datasets: Sequence[str], out_dir: Path, opt
                 record["speculative"] = speculative_check(model, load_whisper(opts.assistant), processor,
                                                           samples[:opts.latency_clips], opts.max_new_tokens,
                                                           assistant_name=model_label(opts.assistant))
-        del engine, model
+        del model
+    for label, samples, _ in loaded:  # all models timed clip by clip in turn: same load, comparable ratios
+        timed = samples[:opts.latency_clips]
+        with tqdm(total=len(timed), desc=f"latency on {label} ({len(engines)} models interleaved)", unit="clip") as bar:
+            results = measure_latency([e for e, _ in engines], [p for _, p in engines], timed, opts.warmup,
+                                      opts.max_new_tokens, progress=bar.update)
+        for (engine, _), (summary, _) in zip(engines, results):
+            next(r for r in records if r["model"] == engine.name and r["dataset"] == label)["latency"] = summary
     add_ratios(records, teachers)
     (out_dir / "bench.json").write_text(json.dumps(records, indent=2))
     (out_dir / "bench-options.json").write_text(json.dumps(asdict(opts), indent=2))
