@@ -53,7 +53,7 @@ def write_report(run_dir: Path) -> str:
     final = (run_dir / "final" / "SOURCE").read_text().strip() if (run_dir / "final" / "SOURCE").is_file() else "-"
     text = (f"# Run {run_dir.name}\n\n{markdown_table(records)}\n"
             f"Final student: `{run_dir / 'final'}` = {final}.\n"
-            f"Training: {summary.get('steps', 0)} steps, {summary.get('skipped_nonfinite_steps', 0)} skipped "
+            f"Training: {summary.get('steps', len(history))} steps, {summary.get('skipped_nonfinite_steps', 0)} skipped "
             f"(non-finite loss); samples skipped on rank 0: {summary.get('skipped_samples_rank0') or 'none'}.\n\n"
             f"![report](report.png)\n")
     plot_report(records, history, run_dir / "report.png")
