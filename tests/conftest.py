@@ -43,6 +43,16 @@ def _synthesize(engine: str, voice: str, text: str, wav) -> None:
     subprocess.run(cmd, check=True, capture_output=True)
 
 
+def write_metadata(root, rows) -> None:
+    """An audiofolder's metadata.csv with (file_name, transcription) rows."""
+    import csv
+
+    with open(root / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file_name", "transcription"])
+        writer.writerows(rows)
+
+
 @pytest.fixture(scope="session")
 def speech_clips(tmp_path_factory) -> list[SpeechClip]:
     """Six real speech clips (2.5-5 s), synthesized once per session and resampled to 16 kHz."""

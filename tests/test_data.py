@@ -1,7 +1,6 @@
 """The training data path: decoding (resampling, downmixing), skip-and-count of bad samples, labels, collation."""
 from __future__ import annotations
 
-import csv
 import math
 import shutil
 import subprocess
@@ -11,6 +10,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+
+from conftest import write_metadata
 
 from asr.data.features import IGNORE_INDEX, WhisperCollator, encode_sample
 from asr.data.loading import DatasetRef, Sample, SkipStats, iter_samples, open_dataset
@@ -29,10 +30,7 @@ def speech(tmp_path_factory) -> Path:
 
 def _write_folder(root: Path, rows: list[tuple[str, str]]) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / "metadata.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file_name", "transcription"])
-        writer.writerows(rows)
+    write_metadata(root, rows)
     return root
 
 

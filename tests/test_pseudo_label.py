@@ -18,6 +18,8 @@ import soundfile as sf
 import torch
 import yaml
 
+from conftest import write_metadata
+
 from asr.bench.engines import Decoded
 from asr.cli import main as asr_main
 from asr.data.features import label_layout, log_mel
@@ -51,10 +53,7 @@ def source(speech_folder, tmp_path_factory) -> Path:
     noise = np.random.default_rng(0).normal(0, 1e-3, 16000 * 10).astype(np.float32)
     sf.write(root / "noise.wav", noise, 16000, subtype="PCM_16")
     rows.append(("noise.wav", "Nothing was said here."))
-    with open(root / "metadata.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file_name", "transcription"])
-        writer.writerows(rows)
+    write_metadata(root, rows)
     return root
 
 
