@@ -19,12 +19,7 @@ from asr.bench.engines import HfEngine
 from asr.data.features import log_mel
 from asr.data.loading import Sample
 from asr.errors import AsrError
-
-
-def same_encoder(teacher, assistant) -> bool:
-    """True when both models hold identical encoder weights, so the teacher's encoder states serve both."""
-    a, b = teacher.model.encoder.state_dict(), assistant.model.encoder.state_dict()
-    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+from asr.models.loading import same_encoder
 
 
 def decoder_only_assistant(assistant):

@@ -33,6 +33,12 @@ def load_whisper(ref: str, dtype: torch.dtype = torch.float32):
     return model.eval()
 
 
+def same_encoder(a, b) -> bool:
+    """True when two Whisper models hold identical encoder weights, so one encoder pass serves both."""
+    sa, sb = a.model.encoder.state_dict(), b.model.encoder.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def weights_fingerprint(module: torch.nn.Module) -> str:
     """A cheap identity of a module's weights: names, shapes and a strided sample of every tensor."""
     import hashlib

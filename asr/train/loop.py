@@ -22,7 +22,7 @@ from asr.config import Recipe, recipe_to_dict
 from asr.data.features import WhisperCollator
 from asr.data.loading import SkipStats
 from asr.errors import AsrError
-from asr.models.loading import load_processor, load_whisper
+from asr.models.loading import load_processor, load_whisper, same_encoder
 from asr.models.registry import cache_dir
 from asr.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from asr.train.data import TrainBatches, cache_encoder_states, load_shard, load_teacher_topk
@@ -41,12 +41,6 @@ def check_compatible(student, teacher, student_ref: str, teacher_ref: str) -> No
     if student.config.vocab_size != teacher.config.vocab_size:
         raise AsrError(f"student {student_ref} has {student.config.vocab_size} tokens but teacher {teacher_ref} has "
                        f"{teacher.config.vocab_size}; distil from a teacher with the same tokenizer")
-
-
-def encoders_equal(a, b) -> bool:
-    """Teacher and student share an encoder when its weights are identical (then it runs once for both)."""
-    sa, sb = a.model.encoder.state_dict(), b.model.encoder.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 @dataclass
@@ -79,7 +73,7 @@ class Trainer:
         if r.train.freeze_encoder:
             student.model.encoder.requires_grad_(False)
         self.shared_encoder = r.train.freeze_encoder and r.train.share_encoder and (
-            self.teacher is None or encoders_equal(student, self.teacher))
+            self.teacher is None or same_encoder(student, self.teacher))
         self.stats = SkipStats()
         examples = load_shard(r.data.train, self.processor, student.generation_config, self.dist.rank,
                               self.dist.world, r.data.max_label_tokens, r.data.train_limit, r.data.language,
