@@ -80,6 +80,14 @@ def test_kd_zero2_real_tiny_en_two_processes_resume_and_wandb(tmp_path, speech_f
     bench = [json.loads(line) for line in (full / "bench" / "checkpoints.jsonl").read_text().splitlines()]
     assert [r["model"] for r in bench] == ["teacher", "pruned-untrained", "step-2", "step-4"]
     assert all(r["n"] == 2 and "decoder_ms_per_token_p50" in r["latency"] for r in bench)
+    # students are timed interleaved with the teacher; their ratio is taken against that paired timing
+    students = [r for r in bench if r["model"] != "teacher"]
+    assert all(r["paired_teacher_latency"]["clips"] == 1 for r in students)
+    from asr.bench.run import add_ratios
+    add_ratios(bench, {r["model"]: "teacher" for r in bench})
+    for r in students:
+        expected = r["latency"]["decoder_ms_per_token_p50"] / r["paired_teacher_latency"]["decoder_ms_per_token_p50"]
+        assert r["measured_decoder_ratio"] == pytest.approx(expected)
     report = (full / "report.md").read_text()
     assert "| step-4 |" in report and (full / "report.png").stat().st_size > 10_000
     # W&B offline run folder inside the run directory, holding the logged metrics

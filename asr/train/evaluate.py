@@ -1,4 +1,8 @@
-"""Benchmark every saved student on the recipe's eval sets (rank 0), keep the table, pick the best."""
+"""Benchmark every saved student on the recipe's eval sets (rank 0), keep the table, pick the best.
+
+Each checkpoint's latency is timed clip by clip interleaved with the teacher's, and its decoder ratio is taken
+against that paired teacher timing: training runs for hours on a shared machine, so a teacher timing from the
+start of the run would not be comparable with a checkpoint timed later under different load."""
 from __future__ import annotations
 
 import json
@@ -6,8 +10,10 @@ import shutil
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from asr.bench.engines import HfEngine
+from asr.bench.latency import measure_latency
 from asr.bench.report import log_to_wandb, markdown_table, plot_wer_vs_latency
 from asr.bench.run import BenchOptions, add_ratios, bench_one, load_eval_samples
 from asr.config import Recipe
@@ -27,24 +33,35 @@ class CheckpointBench:
         self.datasets = [load_eval_samples(d, e.limit) for d in recipe.data.eval]
         self.run_dir = run_dir
         self.memos: dict[tuple[str, str], dict] = {}  # frozen encoder: its states are computed once per clip
+        self._teacher_engine: tuple[HfEngine, object] | None = None  # loaded once, timed next to each checkpoint
 
     def records(self) -> list[dict]:
         if not self.file.is_file():
             return []
         return [json.loads(line) for line in self.file.read_text().splitlines() if line.strip()]
 
+    def _teacher(self) -> tuple[HfEngine, object]:
+        if self._teacher_engine is None:
+            self._teacher_engine = (HfEngine(load_whisper(self.recipe.teacher), "teacher"),
+                                    load_processor(self.recipe.teacher))
+        return self._teacher_engine
+
     def _bench(self, model_dir: str, name: str, step: int | None) -> list[dict]:
         threads = torch.get_num_threads()
         torch.set_num_threads(self.opts.threads)  # the other ranks wait at a barrier meanwhile
         try:
-            model, processor = load_whisper(model_dir), load_processor(model_dir)
-            engine = HfEngine(model, name)
+            if name == "teacher":
+                engine, processor = self._teacher()
+            else:
+                engine, processor = HfEngine(load_whisper(model_dir), name), load_processor(model_dir)
+            model = engine.model
             encoder = weights_fingerprint(model.model.encoder)
             rows = []
             for label, samples, _ in self.datasets:
                 memo = self.memos.setdefault((encoder, label), {})
-                record = bench_one(engine, processor, model, label, samples, self.opts, self.out, memo)
-                record.update(step=step, path=model_dir)
+                record = bench_one(engine, processor, model, label, samples, self.opts, self.out, memo,
+                                   latency=False)
+                record.update(step=step, path=model_dir, **self._latency(engine, processor, samples, label))
                 rows.append(record)
         finally:
             torch.set_num_threads(threads)
@@ -52,6 +69,17 @@ class CheckpointBench:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         self.redraw()
         return rows
+
+    def _latency(self, engine: HfEngine, processor, samples: list, label: str) -> dict:
+        """This model's latency, and the teacher's timed alongside it (unless it is the teacher)."""
+        pairs = [(engine, processor)] if engine.name == "teacher" else [self._teacher(), (engine, processor)]
+        timed = samples[:self.opts.latency_clips]
+        with tqdm(total=len(timed), desc=f"{engine.name} on {label}: latency", unit="clip", leave=False) as bar:
+            results = measure_latency([e for e, _ in pairs], [p for _, p in pairs], timed, self.opts.warmup,
+                                      self.opts.max_new_tokens, progress=bar.update)
+        if len(results) == 1:
+            return {"latency": results[0][0]}
+        return {"latency": results[1][0], "paired_teacher_latency": results[0][0]}
 
     def baselines(self) -> None:
         """The teacher and the pruned, untrained student: the two ends of the recovery."""
