@@ -261,10 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = build_parser().parse_args(argv)
-    if not args.debug:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()  # generate() repeats config warnings per call; --debug shows them
+    if not args.debug:  # generate() repeats config warnings per call; --debug shows them
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"  # inherited by training ranks, local or under Slurm
     try:
         args.func(args)
     except AsrError as exc:
