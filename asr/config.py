@@ -40,6 +40,17 @@ class SynthConfig:
 
 
 @dataclass
+class PseudoLabelConfig:
+    """Label data.train with the teacher before training (distil-whisper's first stage, as `asr pseudo-label`);
+    the labelled folders are cached and replace data.train, and training uses their `pseudo_label` column."""
+
+    wer_threshold: float = 10.0  # percent: drop clips whose teacher transcript is further from the reference
+    top_k: int | None = None  # also store the teacher's top-K log-probs, for objective.teacher_cache
+    max_new_tokens: int = 224
+    batch_size: int = 8
+
+
+@dataclass
 class DataConfig:
     """Training and evaluation data: audiofolder directories or hub ids (`name[:config][@split]`)."""
 
@@ -50,8 +61,9 @@ class DataConfig:
     train_limit: int | None = None
     language: str = "en"  # used when a dataset has no language column
     max_label_tokens: int = 200
-    streaming: bool = False
+    streaming: bool = False  # train reading the data as it goes (hub scale); checkpoints keep the position
     labels: Literal["gold", "pseudo"] = "gold"  # pseudo: train on the `pseudo_label` column (`asr pseudo-label`)
+    pseudo_label: PseudoLabelConfig | None = None  # set: pseudo-label data.train first (implies labels: pseudo)
 
 
 @dataclass
@@ -157,7 +169,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        for arg in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # X | None: X's own error names the exact key
+            return _coerce(value, options[0], path)
+        for arg in options:
             try:
                 return _coerce(value, arg, path)
             except AsrError:

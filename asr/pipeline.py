@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import importlib.metadata
 import json
 import subprocess
@@ -33,8 +34,25 @@ def synth_dataset(spec: SynthConfig) -> str:
     return str(out)
 
 
+def pseudo_labelled(recipe: Recipe, data: str) -> str:
+    """Label one training set with the teacher (once: cached, and resumed if stopped); returns the folder."""
+    from asr.data.loading import DatasetRef
+    from asr.train.pseudo_label import PseudoLabelOptions, pseudo_label, summary_line
+
+    spec, d = recipe.data.pseudo_label, recipe.data
+    source = str(Path(data).resolve()) if Path(data).exists() else data
+    identity = json.dumps([recipe.teacher, source, dataclasses.asdict(spec), d.language, d.train_limit])
+    out = cache_dir() / "pseudo" / f"{DatasetRef.parse(data).label}-{hashlib.sha1(identity.encode()).hexdigest()[:10]}"
+    opts = PseudoLabelOptions(wer_threshold=spec.wer_threshold, top_k=spec.top_k, max_new_tokens=spec.max_new_tokens,
+                              language=d.language, nproc=recipe.train.nproc, batch_size=spec.batch_size,
+                              limit=d.train_limit)
+    print(summary_line(pseudo_label(recipe.teacher, data, out, opts)), flush=True)
+    return str(out)
+
+
 def resolve_data(recipe: Recipe) -> Recipe:
-    """Replace synthetic data specs by the directories they build, so the run directory names real paths."""
+    """Replace synthetic data specs by the directories they build, and training sets by their pseudo-labelled
+    folders when the recipe asks for pseudo-labels, so the run directory names the real paths it trains on."""
     data = recipe.data
     train = data.train + ([synth_dataset(data.synth_train)] if data.synth_train else [])
     evals = data.eval + ([synth_dataset(data.synth_eval)] if data.synth_eval else [])
@@ -42,8 +60,13 @@ def resolve_data(recipe: Recipe) -> Recipe:
         raise AsrError("data.train is empty: name an audiofolder or hub dataset, or set data.synth_train")
     if not evals:
         raise AsrError("data.eval is empty: name an audiofolder or hub dataset, or set data.synth_eval")
-    return dataclasses.replace(recipe, data=dataclasses.replace(data, train=train, eval=evals,
-                                                                synth_train=None, synth_eval=None))
+    labels = data.labels
+    if data.pseudo_label is not None:
+        if recipe.objective.teacher_cache and data.pseudo_label.top_k is None:
+            raise AsrError("objective.teacher_cache needs the teacher's top-K: set data.pseudo_label.top_k (e.g. 32)")
+        train, labels = [pseudo_labelled(recipe, t) for t in train], "pseudo"
+    return dataclasses.replace(recipe, data=dataclasses.replace(data, train=train, eval=evals, labels=labels,
+                                                                synth_train=None, synth_eval=None, pseudo_label=None))
 
 
 def check_inputs(recipe: Recipe) -> None:

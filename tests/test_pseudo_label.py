@@ -185,22 +185,30 @@ loading.load_whisper = load_whisper
 """
 
 
-def test_kd_from_cached_topk_does_not_load_the_teacher(labelled, speech_folder, tmp_path):
+def test_recipe_pseudo_labels_then_distils_from_the_cached_topk_without_the_teacher(source, speech_folder, tmp_path):
+    """data.pseudo_label in a recipe: the run labels data.train first (cached), then KD reads the stored top-K."""
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(_HOOK.format(teacher=TEACHER))
     recipe = {"name": "cached", "teacher": TEACHER, "prune": {"keep": [0, 3]},
-              "data": {"train": [str(labelled["out"])], "eval": [str(speech_folder)], "labels": "pseudo"},
+              "data": {"train": [str(source)], "eval": [str(speech_folder)],
+                       "pseudo_label": {"wer_threshold": 50, "top_k": TOP_K, "batch_size": 2}},
               "objective": {"method": "kd", "teacher_cache": True}, "optim": {"lr": 1e-3},
               "eval": {"limit": 2, "batch_size": 2, "max_new_tokens": 6, "latency_clips": 1, "warmup": 0},
               "train": {"max_steps": 2, "batch_size": 2, "save_every": 2, "log_every": 1, "nproc": 1},
               "tracking": {"wandb": False}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    env = {**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "ASR_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, "-m", "asr", "run", str(tmp_path / "r.yaml"), "--run-dir",
                            str(tmp_path / "run")], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert "pseudo-labelled 5 clips with whisper-tiny.en: kept 3, dropped 2" in proc.stdout
     assert f"KD from cached teacher top-K (k={TOP_K})" in proc.stdout and "teacher not loaded" in proc.stdout
+    resolved = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["data"]
+    [folder] = resolved["train"]
+    assert resolved["labels"] == "pseudo" and resolved["pseudo_label"] is None
+    assert Path(folder).parent == tmp_path / "cache" / "pseudo" and (Path(folder) / "summary.json").is_file()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["kl"] > 0 and r["ce"] > 0 for r in rows)
     assert (tmp_path / "run" / "final" / "config.json").is_file()

@@ -243,7 +243,7 @@ def _tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-@pytest.mark.parametrize("fails_in", ["deepspeed state", "hf student"])
+@pytest.mark.parametrize("fails_in", [pytest.param("deepspeed state", marks=pytest.mark.slow), "hf student"])
 def test_disk_full_while_saving_is_one_clear_error_and_keeps_the_last_checkpoint(tmp_path, reference, micro_teacher,
                                                                                  hostile_train, speech_folder,
                                                                                  fails_in):

@@ -199,6 +199,7 @@ def test_failing_stage_cancels_its_dependents(cluster, tmp_path, speech_folder):
         assert "JobState=CANCELLED" in info and "Reason=DependencyNeverSatisfied" in info, info
 
 
+@pytest.mark.slow  # another full Slurm round trip (~45 s); the fast tier keeps the two-node run and preemption
 def test_sweep_runs_one_directory_per_value_as_job_arrays(cluster, tmp_path, micro_teacher, speech_folder):
     recipe = write_recipe(tmp_path / "r.yaml", str(micro_teacher), speech_folder, max_steps=2)
     root = tmp_path / "sweep"

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import torch
 
-from asr.models.loading import prompt_ids
+from asr.models.loading import local_device, prompt_ids
 
 
 @dataclass
@@ -41,10 +41,10 @@ def split_rows(rows: list[list[int]], eos: int, max_new_tokens: int) -> list[Dec
 
 
 class HfEngine:
-    """Hugging Face `generate` (greedy) on precomputed encoder states."""
+    """Hugging Face `generate` (greedy) on precomputed encoder states, on this process's GPU if it has one."""
 
-    def __init__(self, model, name: str):
-        self.model, self.name = model, name
+    def __init__(self, model, name: str, device: torch.device | None = None):
+        self.model, self.name = model.to(device or local_device()), name
         self.eos_token_id = model.generation_config.eos_token_id
 
     def language_kwargs(self, language: str) -> dict:
@@ -54,7 +54,7 @@ class HfEngine:
 
     @torch.inference_mode()
     def encode(self, features: torch.Tensor) -> torch.Tensor:
-        return self.model.model.encoder(features.to(self.model.dtype)).last_hidden_state
+        return self.model.model.encoder(features.to(self.model.device, self.model.dtype)).last_hidden_state
 
     @torch.inference_mode()
     def decode(self, encoded: torch.Tensor, language: str, max_new_tokens: int, **generate_kwargs) -> list[Decoded]:

@@ -11,10 +11,12 @@ from typing import Sequence
 
 import numpy as np
 import psutil
+import torch
 
 from asr.bench.engines import Engine, HfEngine
 from asr.data.features import log_mel
 from asr.data.loading import SAMPLE_RATE, Sample
+from asr.models.loading import synchronize
 
 
 class PeakRss:
@@ -43,10 +45,12 @@ class PeakRss:
 class TokenClock:
     """A `generate` streamer that only notes when each decoding step finishes (batch 1)."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
         self.stamps: list[float] = []
+        self.device = device
 
     def put(self, value) -> None:
+        synchronize(self.device)
         self.stamps.append(time.perf_counter())
 
     def end(self) -> None:
@@ -60,10 +64,12 @@ def time_clip(engine: Engine, processor, sample: Sample, max_new_tokens: int) ->
     cross-attention keys/values of every layer, computed once per clip) and the steady per-token cost of the
     later steps, which is what the weights-read ratio predicts."""
     features = log_mel(processor.feature_extractor, sample.audio)
+    device = engine.model.device if isinstance(engine, HfEngine) else torch.device("cpu")  # ct2 returns synced
     t0 = time.perf_counter()
     encoded = engine.encode(features)
+    synchronize(device)
     t1 = time.perf_counter()
-    clock = TokenClock() if isinstance(engine, HfEngine) else None
+    clock = TokenClock(device) if isinstance(engine, HfEngine) else None
     kwargs = {"streamer": clock} if clock is not None else {}
     [decoded] = engine.decode(encoded, sample.language, max_new_tokens, **kwargs)
     t2 = time.perf_counter()

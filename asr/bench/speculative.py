@@ -64,10 +64,11 @@ def speculative_check(teacher, assistant, processor, samples: Sequence[Sample], 
                        f"({teacher.config.vocab_size}); use a student pruned from this teacher as the assistant")
     if not samples:
         raise AsrError("speculative check got no clips; check the dataset and --latency-clips")
+    engine = HfEngine(teacher, "teacher")  # on this process's GPU if it has one; the assistant joins it
+    assistant = assistant.to(teacher.device)
     shared = assistant is teacher or same_encoder(teacher, assistant)
     draft = decoder_only_assistant(assistant) if shared else assistant
     saved_config = copy.deepcopy(draft.generation_config)  # HF writes its draft-length state into it
-    engine = HfEngine(teacher, "teacher")
     rows = []
     try:
         for i, sample in enumerate([samples[0], *samples]):  # the first pass is the warm-up

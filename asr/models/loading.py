@@ -1,6 +1,8 @@
 """Load a Whisper model and its processor from any model reference (registry name, directory, hub id)."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from asr.errors import AsrError
@@ -31,6 +33,21 @@ def load_whisper(ref: str, dtype: torch.dtype = torch.float32):
         raise AsrError(f"{ref}: cannot load a Whisper model from {path} ({str(exc).splitlines()[0]}); "
                        "check the directory is complete (config.json, model.safetensors)") from None
     return model.eval()
+
+
+def local_device(local_rank: int | None = None) -> torch.device:
+    """This process's GPU (LOCAL_RANK under a launcher) where CUDA is present, else the CPU: the same code runs on
+    a laptop and on a cluster node."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
+    return torch.device("cuda", rank % torch.cuda.device_count())
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work so wall-clock timers measure it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def same_encoder(a, b) -> bool:

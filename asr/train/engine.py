@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from asr.config import OptimConfig, TrainConfig
+from asr.models.loading import local_device
 from asr.train.objectives import turbo_lr_factor
 
 
@@ -39,7 +40,7 @@ def init_distributed(threads_per_proc: int | None = None) -> Dist:
     local_rank = int(os.environ["LOCAL_RANK"])
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    device = local_device(local_rank)
     if cuda:
         torch.cuda.set_device(device)
     else:

@@ -8,7 +8,7 @@ from tqdm import tqdm
 from asr.data.features import WhisperCollator, encode_sample
 from asr.data.loading import DatasetRef, SkipStats, iter_samples, open_dataset
 from asr.errors import AsrError
-from asr.models.loading import load_processor, load_whisper
+from asr.models.loading import load_processor, load_whisper, local_device
 from asr.train.objectives import kl_teacher_student
 
 
@@ -37,7 +37,10 @@ def select_by_importance(teacher_ref: str, calibration: str, num_layers: int, li
     if not examples:
         raise AsrError(f"{calibration}: no usable calibration clips ({stats.summary()})")
     collate = WhisperCollator(teacher.generation_config.pad_token_id)
-    batches = [collate(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
+    device = local_device()
+    teacher.to(device)
+    batches = [{k: v.to(device) for k, v in collate(examples[i:i + batch_size]).items()}
+               for i in range(0, len(examples), batch_size)]
     with torch.inference_mode():
         encoder_states = [teacher.model.encoder(b["input_features"]).last_hidden_state for b in batches]
     reference = _decoder_logits(teacher, list(range(n)), batches, encoder_states)

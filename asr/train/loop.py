@@ -28,6 +28,7 @@ from asr.train.checkpoint import latest_checkpoint, load_checkpoint, prune_check
 from asr.train.data import TrainBatches, cache_encoder_states, load_shard, load_teacher_topk
 from asr.train.engine import Dist, build_engine, init_distributed, use_bf16
 from asr.train.evaluate import CheckpointBench
+from asr.train.stream import StreamingBatches
 from asr.train.objectives import ce_loss, kd_loss, kd_loss_topk
 from asr.train.tracking import Tracker
 
@@ -75,9 +76,34 @@ class Trainer:
         self.shared_encoder = r.train.freeze_encoder and r.train.share_encoder and (
             self.teacher is None or same_encoder(student, self.teacher))
         self.stats = SkipStats()
+        text_column = "pseudo_label" if r.data.labels == "pseudo" else None
+        collator = WhisperCollator(student.generation_config.pad_token_id)
+        if r.data.streaming:
+            if teacher_cache:
+                raise AsrError("objective.teacher_cache reads every clip's top-K into memory; use "
+                               "data.streaming=false with it, or the live teacher (objective.teacher_cache=false)")
+            self.batches = StreamingBatches(r.data.train, self.processor, student.generation_config, collator,
+                                            r.train.batch_size, r.train.seed, self.dist.rank, self.dist.world,
+                                            r.data.max_label_tokens, r.data.language, self.stats, text_column,
+                                            r.data.train_limit)
+        else:
+            self.batches = self.in_memory_batches(student, collator, text_column, teacher_cache)
+        self.bf16 = use_bf16(r.train.bf16)
+        if self.teacher is not None:
+            self.teacher.to(self.dist.device, torch.bfloat16 if self.bf16 else torch.float32)
+        self.engine = build_engine(student, r.train, r.optim)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.tracker = Tracker(self.run_dir, recipe_to_dict(r), r.tracking.project, r.tracking.mode,
+                               r.tracking.wandb and self.dist.is_main, self.run_dir.name)
+        self.bench = CheckpointBench(self.run_dir, r) if self.dist.is_main else None
+
+    def in_memory_batches(self, student, collator: WhisperCollator, text_column: str | None,
+                          teacher_cache: bool) -> TrainBatches:
+        """This rank's shard encoded up front, with cached encoder states and teacher top-K where configured."""
+        r = self.recipe
         examples = load_shard(r.data.train, self.processor, student.generation_config, self.dist.rank,
                               self.dist.world, r.data.max_label_tokens, r.data.train_limit, r.data.language,
-                              self.stats, text_column="pseudo_label" if r.data.labels == "pseudo" else None)
+                              self.stats, text_column=text_column)
         counts = torch.tensor([len(examples)], dtype=torch.long)
         dist.all_reduce(counts, op=dist.ReduceOp.MIN)
         if counts.item() == 0:
@@ -95,16 +121,7 @@ class Trainer:
             if self.dist.is_main:
                 print(f"KD from cached teacher top-K (k={topk[0][0].shape[1]}) in {', '.join(r.data.train)}; "
                       "teacher not loaded", flush=True)
-        self.batches = TrainBatches(examples, WhisperCollator(student.generation_config.pad_token_id),
-                                    r.train.batch_size, r.train.seed, self.dist.rank, states, topk)
-        self.bf16 = use_bf16(r.train.bf16)
-        if self.teacher is not None:
-            self.teacher.to(self.dist.device, torch.bfloat16 if self.bf16 else torch.float32)
-        self.engine = build_engine(student, r.train, r.optim)
-        self.ckpt_root = self.run_dir / "checkpoints"
-        self.tracker = Tracker(self.run_dir, recipe_to_dict(r), r.tracking.project, r.tracking.mode,
-                               r.tracking.wandb and self.dist.is_main, self.run_dir.name)
-        self.bench = CheckpointBench(self.run_dir, r) if self.dist.is_main else None
+        return TrainBatches(examples, collator, r.train.batch_size, r.train.seed, self.dist.rank, states, topk)
 
     # --- one step --------------------------------------------------------------------------------------
     def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -157,18 +174,26 @@ class Trainer:
         torch.set_rng_state(state["rng"][self.dist.rank]["torch"])
         np.random.set_state(state["rng"][self.dist.rank]["numpy"])
         random.setstate(state["rng"][self.dist.rank]["python"])
+        if isinstance(self.batches, StreamingBatches):
+            self.batches.restore(state["data"][self.dist.rank])
         if self.dist.is_main:
             print(f"resumed from {ckpt} at step {state['step']}", flush=True)
         return state["step"], state["history"]
 
     def rng_states(self) -> list[dict]:
-        mine = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        return self.gather({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()})
+
+    def data_state(self) -> dict | None:
+        """The streaming position (in-memory batches are a pure function of the step and need none)."""
+        return self.batches.state() if isinstance(self.batches, StreamingBatches) else None
+
+    def gather(self, mine) -> list:
         gathered: list = [None] * self.dist.world
         dist.all_gather_object(gathered, mine)
         return gathered
 
     def checkpoint(self, step: int, history: list[dict]) -> None:
-        client = {"step": step, "history": history, "rng": self.rng_states()}
+        client = {"step": step, "history": history, "rng": self.rng_states(), "data": self.gather(self.data_state())}
         ckpt = save_checkpoint(self.engine, self.ckpt_root, step, client, self.recipe.train.zero_stage, self.processor)
         best = None
         if self.bench is not None:
@@ -225,7 +250,8 @@ class Trainer:
             metrics_file.write_text("".join(json.dumps(row) + "\n" for row in history))
         if start == 0 and self.bench is not None:
             self.bench.baselines()
-        bad_in_row, skipped, samples, tokens = 0, 0, 0, 0
+        # every step either appends a history row or was skipped, so the count survives a resume
+        bad_in_row, skipped, samples, tokens = 0, start - len(history), 0, 0
         last_log = time.perf_counter()
         for step in range(start, t.max_steps):
             lr = self.engine.get_lr()[0]  # the LR this step trains with (the scheduler moves it after the step)

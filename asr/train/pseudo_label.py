@@ -35,7 +35,7 @@ from asr.bench.wer import error_rates, normalize
 from asr.data.features import IGNORE_INDEX, label_layout, log_mel
 from asr.data.loading import SAMPLE_RATE, DatasetRef, Sample, SkipStats, iter_samples, open_dataset
 from asr.errors import AsrError
-from asr.models.loading import load_processor, load_whisper
+from asr.models.loading import load_processor, load_whisper, local_device
 from asr.models.registry import resolve_model
 
 SETTINGS = "pseudo-label.json"  # how the folder was made; a resumed run must use the same settings
@@ -100,8 +100,8 @@ def teacher_topk(model, encoder_states: torch.Tensor, layouts: list[tuple[list[i
     for i, (d, _) in enumerate(layouts):
         ids[i, :len(d)] = torch.tensor(d)
         mask[i, :len(d)] = 1
-    logits = model(encoder_outputs=(encoder_states.to(model.dtype),), decoder_input_ids=ids,
-                   decoder_attention_mask=mask).logits
+    logits = model(encoder_outputs=(encoder_states.to(model.dtype),), decoder_input_ids=ids.to(model.device),
+                   decoder_attention_mask=mask.to(model.device)).logits.cpu()
     out = []
     for i, (_, labels) in enumerate(layouts):
         positions = [j for j, label in enumerate(labels) if label != IGNORE_INDEX]
@@ -229,7 +229,7 @@ def label_shard(job: ShardJob) -> dict:
     if job.threads:
         torch.set_num_threads(job.threads)
     model, processor = load_whisper(job.teacher), load_processor(job.teacher)
-    engine = HfEngine(model, "teacher")
+    engine = HfEngine(model, "teacher", local_device(job.rank))  # one GPU per process where there are GPUs
     ds = open_dataset(DatasetRef.parse(job.data))
     stats = SkipStats()
     writer = ShardWriter(Path(job.out), f"{job.tag}-r{job.rank}", job.teacher)
