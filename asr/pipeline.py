@@ -60,6 +60,9 @@ def resolve_data(recipe: Recipe) -> Recipe:
         raise AsrError("data.train is empty: name an audiofolder or hub dataset, or set data.synth_train")
     if not evals:
         raise AsrError("data.eval is empty: name an audiofolder or hub dataset, or set data.synth_eval")
+    if data.streaming and recipe.objective.teacher_cache:
+        raise AsrError("objective.teacher_cache reads every clip's top-K into memory; use data.streaming=false "
+                       "with it, or the live teacher (objective.teacher_cache=false)")
     labels = data.labels
     if data.pseudo_label is not None:
         if recipe.objective.teacher_cache and data.pseudo_label.top_k is None:

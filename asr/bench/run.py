@@ -105,6 +105,16 @@ def score(model: str, dataset: str, samples, hyps) -> tuple[dict, list[dict]]:
     return record, clips
 
 
+def interleaved_latency(pairs: Sequence[tuple], samples, label: str, opts: BenchOptions) -> list[dict]:
+    """Latency summaries of (engine, processor) pairs timed clip by clip in turn on the first latency_clips."""
+    timed = samples[:opts.latency_clips]
+    names = ", ".join(engine.name for engine, _ in pairs)
+    with tqdm(total=len(timed), desc=f"latency on {label} ({names})", unit="clip") as bar:
+        results = measure_latency([e for e, _ in pairs], [p for _, p in pairs], timed, opts.warmup,
+                                  opts.max_new_tokens, progress=bar.update)
+    return [summary for summary, _ in results]
+
+
 def bench_one(engine, processor, model, label: str, samples, opts: BenchOptions, out_dir: Path,
               encoder_memo: dict | None = None, latency: bool = True) -> dict:
     """One (model, dataset) record: accuracy, latency, and the optional streaming / speculative figures.
@@ -121,9 +131,7 @@ def bench_one(engine, processor, model, label: str, samples, opts: BenchOptions,
         f.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in clips)
     timed = samples[:opts.latency_clips]
     if latency:
-        with tqdm(total=len(timed), desc=f"{engine.name} on {label}: latency", unit="clip") as bar:
-            [(record["latency"], _)] = measure_latency([engine], [processor], timed, opts.warmup,
-                                                       opts.max_new_tokens, progress=bar.update)
+        [record["latency"]] = interleaved_latency([(engine, processor)], samples, label, opts)
     record.update(params=sum(p.numel() for p in model.parameters()), encoder_layers=model.config.encoder_layers,
                   decoder_layers=model.config.decoder_layers, engine=opts.engine,
                   decoder_weights_per_token=decoder_weights_per_token(model.config))
@@ -179,11 +187,7 @@ def run_bench(models: Sequence[str], datasets: Sequence[str], out_dir: Path, opt
                                                           assistant_name=model_label(opts.assistant))
         del model
     for label, samples, _ in loaded:  # all models timed clip by clip in turn: same load, comparable ratios
-        timed = samples[:opts.latency_clips]
-        with tqdm(total=len(timed), desc=f"latency on {label} ({len(engines)} models interleaved)", unit="clip") as bar:
-            results = measure_latency([e for e, _ in engines], [p for _, p in engines], timed, opts.warmup,
-                                      opts.max_new_tokens, progress=bar.update)
-        for (engine, _), (summary, _) in zip(engines, results):
+        for (engine, _), summary in zip(engines, interleaved_latency(engines, samples, label, opts)):
             next(r for r in records if r["model"] == engine.name and r["dataset"] == label)["latency"] = summary
     add_ratios(records, teachers)
     (out_dir / "bench.json").write_text(json.dumps(records, indent=2))

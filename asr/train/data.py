@@ -9,14 +9,14 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from asr.data.features import IGNORE_INDEX, Encoded, WhisperCollator, encode_sample
-from asr.data.loading import DatasetRef, SkipStats, iter_samples, open_dataset
+from asr.data.loading import DatasetRef, Sample, SkipStats, iter_samples, open_dataset
 from asr.train.pseudo_label import load_topk, settings_of
 from asr.errors import AsrError
 from asr.models.loading import weights_fingerprint
@@ -33,15 +33,21 @@ def load_shard(datasets: Sequence[str], processor, generation_config, rank: int,
     for ref in datasets:
         ds = split_dataset_by_node(open_dataset(DatasetRef.parse(ref)), rank=rank, world_size=world)
         per_rank = None if limit is None else -(-limit // world)
-        samples = iter_samples(ds, stats, default_language=language, limit=per_rank, text_column=text_column)
-        for sample in tqdm(samples, desc=f"rank {rank}: encoding {DatasetRef.parse(ref).label}", unit="clip",
-                           disable=rank != 0):
-            encoded = encode_sample(sample, processor, generation_config, max_label_tokens)
-            if encoded is None:
-                stats.skip("transcript too long", sample.id)
-            else:
-                examples.append(encoded)
+        samples = tqdm(iter_samples(ds, stats, default_language=language, limit=per_rank, text_column=text_column),
+                       desc=f"rank {rank}: encoding {DatasetRef.parse(ref).label}", unit="clip", disable=rank != 0)
+        examples.extend(encode_samples(samples, processor, generation_config, max_label_tokens, stats))
     return examples
+
+
+def encode_samples(samples: Iterable[Sample], processor, generation_config, max_label_tokens: int,
+                   stats: SkipStats) -> Iterator[Encoded]:
+    """Training examples of decoded samples; transcripts over max_label_tokens are skipped and counted."""
+    for sample in samples:
+        encoded = encode_sample(sample, processor, generation_config, max_label_tokens)
+        if encoded is None:
+            stats.skip("transcript too long", sample.id)
+        else:
+            yield encoded
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int) -> list[int]:

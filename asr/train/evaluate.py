@@ -10,12 +10,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from asr.bench.engines import HfEngine
-from asr.bench.latency import measure_latency
 from asr.bench.report import log_to_wandb, markdown_table, plot_wer_vs_latency
-from asr.bench.run import BenchOptions, add_ratios, bench_one, load_eval_samples
+from asr.bench.run import BenchOptions, add_ratios, bench_one, interleaved_latency, load_eval_samples
 from asr.config import Recipe
 from asr.models.loading import load_processor, load_whisper, weights_fingerprint
 
@@ -72,14 +70,10 @@ class CheckpointBench:
 
     def _latency(self, engine: HfEngine, processor, samples: list, label: str) -> dict:
         """This model's latency, and the teacher's timed alongside it (unless it is the teacher)."""
-        pairs = [(engine, processor)] if engine.name == "teacher" else [self._teacher(), (engine, processor)]
-        timed = samples[:self.opts.latency_clips]
-        with tqdm(total=len(timed), desc=f"{engine.name} on {label}: latency", unit="clip", leave=False) as bar:
-            results = measure_latency([e for e, _ in pairs], [p for _, p in pairs], timed, self.opts.warmup,
-                                      self.opts.max_new_tokens, progress=bar.update)
-        if len(results) == 1:
-            return {"latency": results[0][0]}
-        return {"latency": results[1][0], "paired_teacher_latency": results[0][0]}
+        if engine.name == "teacher":
+            return {"latency": interleaved_latency([(engine, processor)], samples, label, self.opts)[0]}
+        teacher, student = interleaved_latency([self._teacher(), (engine, processor)], samples, label, self.opts)
+        return {"latency": student, "paired_teacher_latency": teacher}
 
     def baselines(self) -> None:
         """The teacher and the pruned, untrained student: the two ends of the recovery."""

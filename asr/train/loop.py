@@ -79,9 +79,6 @@ class Trainer:
         text_column = "pseudo_label" if r.data.labels == "pseudo" else None
         collator = WhisperCollator(student.generation_config.pad_token_id)
         if r.data.streaming:
-            if teacher_cache:
-                raise AsrError("objective.teacher_cache reads every clip's top-K into memory; use "
-                               "data.streaming=false with it, or the live teacher (objective.teacher_cache=false)")
             self.batches = StreamingBatches(r.data.train, self.processor, student.generation_config, collator,
                                             r.train.batch_size, r.train.seed, self.dist.rank, self.dist.world,
                                             r.data.max_label_tokens, r.data.language, self.stats, text_column,

@@ -101,12 +101,12 @@ def teacher_topk(model, encoder_states: torch.Tensor, layouts: list[tuple[list[i
         ids[i, :len(d)] = torch.tensor(d)
         mask[i, :len(d)] = 1
     logits = model(encoder_outputs=(encoder_states.to(model.dtype),), decoder_input_ids=ids.to(model.device),
-                   decoder_attention_mask=mask.to(model.device)).logits.cpu()
+                   decoder_attention_mask=mask.to(model.device)).logits
     out = []
     for i, (_, labels) in enumerate(layouts):
         positions = [j for j, label in enumerate(labels) if label != IGNORE_INDEX]
         values, top = torch.log_softmax(logits[i, positions].float(), dim=-1).topk(k, dim=-1)
-        out.append((top.to(torch.int32).contiguous(), values.to(torch.float16).contiguous()))
+        out.append((top.to(torch.int32).cpu().contiguous(), values.to(torch.float16).cpu().contiguous()))
     return out
 
 

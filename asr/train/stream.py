@@ -15,9 +15,10 @@ from typing import Iterator, Sequence
 
 import torch
 
-from asr.data.features import Encoded, WhisperCollator, encode_sample
+from asr.data.features import Encoded, WhisperCollator
 from asr.data.loading import DatasetRef, SkipStats, iter_samples, open_dataset
 from asr.errors import AsrError
+from asr.train.data import encode_samples
 
 
 class StreamingBatches:
@@ -58,13 +59,8 @@ class StreamingBatches:
 
     def _epoch_examples(self, skip: int) -> Iterator[Encoded]:
         stats = self.stats if self.epoch == 0 else SkipStats()  # each bad sample is counted once
-        for sample in iter_samples(self._rows(skip), stats, default_language=self.language,
-                                   text_column=self.text_column):
-            encoded = encode_sample(sample, self.processor, self.generation_config, self.max_label_tokens)
-            if encoded is None:
-                stats.skip("transcript too long", sample.id)
-            else:
-                yield encoded
+        samples = iter_samples(self._rows(skip), stats, default_language=self.language, text_column=self.text_column)
+        return encode_samples(samples, self.processor, self.generation_config, self.max_label_tokens, stats)
 
     def _next_example(self) -> Encoded:
         for _ in range(2):  # the current epoch, then a fresh one
