@@ -42,7 +42,8 @@ def _pseudo_label(args: argparse.Namespace) -> None:
     from asr.train.pseudo_label import PseudoLabelOptions, pseudo_label, summary_line
 
     opts = PseudoLabelOptions(wer_threshold=args.wer_threshold, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-                              language=args.language, nproc=args.nproc, batch_size=args.batch_size, limit=args.limit)
+                              language=args.language, nproc=args.nproc, batch_size=args.batch_size, limit=args.limit,
+                              temperature=args.temperature)
     print(summary_line(pseudo_label(args.teacher, args.data, Path(args.out), opts)))
 
 
@@ -167,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     pseudo.add_argument("--out", required=True, help="audiofolder to write (re-run the same command to resume)")
     pseudo.add_argument("--wer-threshold", type=float, default=10.0, help="drop clips above this normalized WER (%%)")
     pseudo.add_argument("--top-k", type=int, help="also store the teacher's top-K log-probs per label position")
+    pseudo.add_argument("--temperature", type=float, default=2.0,
+                        help="of the stored top-K log-probs; must equal the distilling recipe's objective.temperature")
     pseudo.add_argument("--nproc", type=int, default=1, help="local processes, each labelling a stride of the rows")
     pseudo.add_argument("--batch-size", type=int, default=8)
     pseudo.add_argument("--limit", type=int, help="only the first N rows")

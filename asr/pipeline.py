@@ -41,11 +41,13 @@ def pseudo_labelled(recipe: Recipe, data: str) -> str:
 
     spec, d = recipe.data.pseudo_label, recipe.data
     source = str(Path(data).resolve()) if Path(data).exists() else data
-    identity = json.dumps([recipe.teacher, source, dataclasses.asdict(spec), d.language, d.train_limit])
+    temperature = recipe.objective.temperature if spec.top_k else None  # the stored top-K's temperature
+    identity = json.dumps([recipe.teacher, source, dataclasses.asdict(spec), d.language, d.train_limit]
+                          + ([temperature] if temperature is not None else []))
     out = cache_dir() / "pseudo" / f"{DatasetRef.parse(data).label}-{hashlib.sha1(identity.encode()).hexdigest()[:10]}"
     opts = PseudoLabelOptions(wer_threshold=spec.wer_threshold, top_k=spec.top_k, max_new_tokens=spec.max_new_tokens,
                               language=d.language, nproc=recipe.train.nproc, batch_size=spec.batch_size,
-                              limit=d.train_limit)
+                              limit=d.train_limit, temperature=recipe.objective.temperature)
     print(summary_line(pseudo_label(recipe.teacher, data, out, opts)), flush=True)
     return str(out)
 

@@ -67,31 +67,42 @@ def test_turbo_schedule_warmup_then_linear_decay():
 
 
 def test_kd_loss_topk_matches_hand_computation():
-    # position 0 (labelled 1): teacher keeps ids (2, 0) with p = 0.6, 0.2 (0.2 of its mass is outside the top 2);
-    # renormalized p = (3/4, 1/4). The student's logits at ids 2 and 0 are equal, so restricted q = (1/2, 1/2).
+    # Position 0 (labelled 1): the teacher's top 2 are ids (2, 0) with tempered p = 0.6, 0.2, so 0.2 is "the
+    # rest". The student's q at ids 2 and 0 is 1/Z each and its rest (ids 1, 3) is (e^7 + e^-2)/Z.
     # Position 1 is masked: its wildly different top-K must not count.
     student = _logits([0.0, 7.0, 0.0, -2.0], [5.0, -5.0, 0.0, 0.0])
     ids = torch.tensor([[[2, 0], [1, 3]]])
     logprobs = torch.tensor([[[math.log(0.6), math.log(0.2)], [math.log(0.9), math.log(0.05)]]])
     labels = torch.tensor([[1, IGNORE_INDEX]])
-    kl_t1 = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    z = 2 + math.exp(7) + math.exp(-2)
+    kl_t1 = 0.6 * math.log(0.6 * z) + 0.2 * math.log(0.2 * z) + 0.2 * math.log(0.2 * z / (math.exp(7) + math.exp(-2)))
     out = kd_loss_topk(student, ids, logprobs, labels, temperature=1.0, alpha_kl=1.0, alpha_ce=0.0)
-    assert out["kl"].item() == pytest.approx(kl_t1, abs=1e-6)
-    # T=2: tempered teacher over its top 2 is ∝ (√0.6, √0.2) = (√3, 1) / (1 + √3); student stays uniform
-    p1 = math.sqrt(3) / (1 + math.sqrt(3))
-    kl_t2 = p1 * math.log(p1 / 0.5) + (1 - p1) * math.log((1 - p1) / 0.5)
-    ce = math.log(2 + math.exp(7) + math.exp(-2)) - 7  # full-vocabulary CE of label 1 at position 0
+    assert out["kl"].item() == pytest.approx(kl_t1, abs=1e-5)
+    # T=2: the stored log-probs are the teacher's at T=2; the student's logits are divided by 2
+    z2 = 2 + math.exp(3.5) + math.exp(-1)
+    kl_t2 = 0.6 * math.log(0.6 * z2) + 0.2 * math.log(0.2 * z2) + 0.2 * math.log(0.2 * z2 / (math.exp(3.5) + math.exp(-1)))
+    ce = math.log(z) - 7  # full-vocabulary CE of label 1 at position 0, at T=1
     out = kd_loss_topk(student, ids, logprobs, labels)  # defaults: T=2, α_kl=0.8, α_ce=1.0
-    assert out["kl"].item() == pytest.approx(kl_t2, abs=1e-6)
-    assert out["ce"].item() == pytest.approx(ce, abs=1e-6)
-    assert out["loss"].item() == pytest.approx(0.8 * 4 * kl_t2 + ce, abs=1e-6)
+    assert out["kl"].item() == pytest.approx(kl_t2, abs=1e-5)
+    assert out["ce"].item() == pytest.approx(ce, abs=1e-5)
+    assert out["loss"].item() == pytest.approx(0.8 * 4 * kl_t2 + ce, abs=1e-5)
+
+
+def test_kd_loss_topk_penalises_student_mass_outside_the_support():
+    # Same ratios inside the teacher's top 2; the second student moves most of its mass to the tail.
+    ids = torch.tensor([[[0, 1]]])
+    teacher = torch.log_softmax(torch.tensor([[[3.0, 2.0, 0.0, 0.0]]]), -1)
+    labels = torch.tensor([[0]])
+    close, far = torch.tensor([[[3.0, 2.0, 0.0, 0.0]]]), torch.tensor([[[3.0, 2.0, 6.0, 6.0]]])
+    kl = [kd_loss_topk(s, ids, teacher.gather(-1, ids), labels, temperature=1.0)["kl"].item() for s in (close, far)]
+    assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[1] > 1.0
 
 
 def test_kd_loss_topk_with_the_whole_vocabulary_is_kd_loss():
     torch.manual_seed(0)
     student, teacher = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
     labels = torch.tensor([[1, 2, IGNORE_INDEX], [0, IGNORE_INDEX, IGNORE_INDEX]])
-    logprobs, ids = torch.log_softmax(teacher, -1).topk(5, dim=-1)
+    logprobs, ids = torch.log_softmax(teacher / 2.0, -1).topk(5, dim=-1)  # stored at the default T=2
     full, cached = kd_loss(student, teacher, labels), kd_loss_topk(student, ids, logprobs, labels)
     for key in ("loss", "kl", "ce"):
         assert cached[key].item() == pytest.approx(full[key].item(), abs=1e-6)

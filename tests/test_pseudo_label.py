@@ -24,6 +24,7 @@ from asr.bench.engines import Decoded
 from asr.cli import main as asr_main
 from asr.data.features import label_layout, log_mel
 from asr.data.loading import DatasetRef, SkipStats, iter_samples, open_dataset
+from asr.train.objectives import kd_loss, kd_loss_topk
 from asr.train.pseudo_label import PROGRESS, drop_reason, load_topk
 
 TEACHER = "whisper-tiny.en"
@@ -130,10 +131,34 @@ def test_topk_round_trip_matches_a_fresh_teacher_forward(labelled, source):
         with torch.inference_mode():  # one clip alone, unpadded: a different batch than the one that stored it
             logits = model(input_features=log_mel(processor.feature_extractor, audio),
                            decoder_input_ids=torch.tensor([decoder_ids])).logits[0]
-        fresh = torch.log_softmax(logits[[j for j, label in enumerate(labels) if label != -100]], dim=-1)
+        labelled_logits = logits[[j for j, label in enumerate(labels) if label != -100]]
+        fresh = torch.log_softmax(labelled_logits / 2.0, dim=-1)  # stored at the default temperature, 2
         values, _ = fresh.topk(TOP_K, dim=-1)
         torch.testing.assert_close(logprobs.float(), values, atol=2e-2, rtol=2e-3)  # fp16 storage
         torch.testing.assert_close(logprobs.float(), fresh.gather(-1, ids.long()), atol=2e-2, rtol=2e-3)
+        assert 0.02 < logprobs.float().exp().sum(-1).max() < 0.98  # the top K leave tempered mass in the tail
+        # the cached loss pushes a student the way the live teacher's full-vocabulary KL does
+        student = (labelled_logits + 3 * torch.randn(labelled_logits.shape, generator=torch.Generator().manual_seed(0))
+                   ).requires_grad_(True)
+        target = torch.zeros(len(labelled_logits), dtype=torch.long)[None]  # CE is the same term in both
+        grads = []
+        for loss in (kd_loss(student[None], labelled_logits[None], target)["kl"],
+                     kd_loss_topk(student[None], ids.long()[None], logprobs.float()[None], target)["kl"]):
+            grads.append(torch.autograd.grad(loss, student)[0].flatten())
+        assert torch.nn.functional.cosine_similarity(*grads, dim=0) > 0.95
+        assert 0.8 < (grads[1].norm() / grads[0].norm()).item() < 1.2
+
+
+def test_distilling_at_another_temperature_than_the_stored_topk_stops_with_the_fix(labelled):
+    from asr.data.features import Encoded
+    from asr.errors import AsrError
+    from asr.train.data import load_teacher_topk
+
+    name = next(r["file_name"] for r in _progress(labelled["out"]) if r["kept"])
+    example = Encoded(name, np.zeros((80, 1), np.float32), [1], [5], "x", "en")
+    with pytest.raises(AsrError, match=r"stored at temperature 2.0 but objective.temperature is 1.0; re-run "
+                                       r"`asr pseudo-label --top-k 4 --temperature 1.0`"):
+        load_teacher_topk([example], [str(labelled["out"])], TEACHER, temperature=1.0)
 
 
 def test_drop_reasons_on_constructed_outputs():

@@ -95,9 +95,10 @@ class TrainBatches:
         return batch
 
 
-def load_teacher_topk(examples: Sequence[Encoded], datasets: Sequence[str],
-                      teacher: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The cached teacher top-K of every example (same order), from `asr pseudo-label --top-k` folders."""
+def load_teacher_topk(examples: Sequence[Encoded], datasets: Sequence[str], teacher: str,
+                      temperature: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The cached teacher top-K of every example (same order), from `asr pseudo-label --top-k` folders made at
+    the objective's `temperature`."""
     found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     wanted = {e.id for e in examples}
     for ref in datasets:
@@ -108,6 +109,11 @@ def load_teacher_topk(examples: Sequence[Encoded], datasets: Sequence[str],
         if settings["teacher"] != teacher:
             raise AsrError(f"{ref}: top-K came from teacher {settings['teacher']} but the recipe's teacher is "
                            f"{teacher}; set teacher: {settings['teacher']} or re-run `asr pseudo-label` with {teacher}")
+        if settings.get("temperature") != temperature:
+            made = (f"at temperature {settings['temperature']}" if settings.get("temperature") is not None
+                    else "by an older asr-distill, without the mass outside the top K")
+            raise AsrError(f"{ref}: its top-K was stored {made} but objective.temperature is {temperature}; re-run "
+                           f"`asr pseudo-label --top-k {settings['top_k']} --temperature {temperature}` into a new --out")
         found.update(load_topk(Path(ref), wanted))
     out = []
     for e in examples:

@@ -114,7 +114,7 @@ class Trainer:
                 e.input_features = e.input_features[:, :0]  # features are no longer needed: free the memory
         topk = None
         if teacher_cache:
-            topk = load_teacher_topk(examples, r.data.train, r.teacher)
+            topk = load_teacher_topk(examples, r.data.train, r.teacher, r.objective.temperature)
             if self.dist.is_main:
                 print(f"KD from cached teacher top-K (k={topk[0][0].shape[1]}) in {', '.join(r.data.train)}; "
                       "teacher not loaded", flush=True)

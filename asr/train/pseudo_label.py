@@ -3,8 +3,9 @@
 Clips whose transcript is empty, loops, is all upper case, or is further than a threshold from the reference
 (normalized WER) are dropped and counted by reason. Kept clips become an audiofolder (audio hard-linked,
 `metadata.csv` with file_name, transcription, pseudo_label, pseudo_wer, language) and, with `top_k`, the
-teacher's top-K next-token log-probs at every label position of the pseudo-label (teacher-forced on the layout
-`label_layout` builds for training), so KD can run without the teacher.
+teacher's top-K next-token log-probs at `temperature` (normalized over the whole vocabulary, so the mass outside
+the top K is known) at every label position of the pseudo-label (teacher-forced on the layout `label_layout`
+builds for training), so KD at that temperature can run without the teacher.
 
 Rows are split over N local processes (strided). Each process makes its finished clips durable every
 `flush_every` clips: audio, then a top-K safetensors file, then lines in its own progress JSONL. A stopped
@@ -48,10 +49,11 @@ AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".webm", ".a
 
 @dataclass
 class PseudoLabelOptions:
-    """Knobs of one run; the first four are part of the folder's identity (a resume must not change them)."""
+    """Knobs of one run; the first five are part of the folder's identity (a resume must not change them)."""
 
     wer_threshold: float = 10.0  # percent, normalized WER of the teacher's transcript against the reference
     top_k: int | None = None
+    temperature: float = 2.0  # of the stored top-K log-probs: the distilling recipe's objective.temperature
     max_new_tokens: int = 224  # openai-whisper's default sample_len (n_text_ctx // 2)
     language: str = "en"  # for datasets without a language column
     nproc: int = 1
@@ -91,9 +93,10 @@ def drop_reason(hypothesis: str, reference: str, language: str, capped: bool,
 # --- the teacher -----------------------------------------------------------------------------------------
 @torch.inference_mode()
 def teacher_topk(model, encoder_states: torch.Tensor, layouts: list[tuple[list[int], list[int]]],
-                 k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Top-K next-token log-probs at each labelled position of each (decoder_input_ids, labels) layout,
-    teacher-forced on precomputed encoder states: (ids int32 [P, K], log-probs fp16 [P, K]) per layout."""
+                 k: int, temperature: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Top-K next-token log-probs of softmax(logits / temperature) at each labelled position of each
+    (decoder_input_ids, labels) layout, teacher-forced on precomputed encoder states: (ids int32 [P, K],
+    log-probs fp16 [P, K]) per layout."""
     width = max(len(d) for d, _ in layouts)
     ids = torch.full((len(layouts), width), model.generation_config.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -105,7 +108,7 @@ def teacher_topk(model, encoder_states: torch.Tensor, layouts: list[tuple[list[i
     out = []
     for i, (_, labels) in enumerate(layouts):
         positions = [j for j, label in enumerate(labels) if label != IGNORE_INDEX]
-        values, top = torch.log_softmax(logits[i, positions].float(), dim=-1).topk(k, dim=-1)
+        values, top = torch.log_softmax(logits[i, positions].float() / temperature, dim=-1).topk(k, dim=-1)
         out.append((top.to(torch.int32).cpu().contiguous(), values.to(torch.float16).cpu().contiguous()))
     return out
 
@@ -130,8 +133,9 @@ def label_batch(engine: HfEngine, processor, samples: list[Sample],
         if opts.top_k and kept:
             layouts = [label_layout(processor.tokenizer, engine.model.generation_config, records[i]["pseudo_label"],
                                     language) for i in kept]
-            for i, scores in zip(kept, teacher_topk(engine.model, states[kept], layouts, opts.top_k)):
-                topk[i] = scores
+            scores = teacher_topk(engine.model, states[kept], layouts, opts.top_k, opts.temperature)
+            for i, clip_scores in zip(kept, scores):
+                topk[i] = clip_scores
         out.extend(zip(records, group, topk))
     return out
 
@@ -339,7 +343,7 @@ def pseudo_label(teacher: str, data: str, out: Path, opts: PseudoLabelOptions | 
     resolve_model(teacher)  # a bad reference fails here, before any folder is made
     settings = {"teacher": teacher, "data": str(Path(data).resolve()) if Path(data).exists() else data,
                 "wer_threshold": opts.wer_threshold, "top_k": opts.top_k, "max_new_tokens": opts.max_new_tokens,
-                "language": opts.language}
+                "language": opts.language, "temperature": opts.temperature if opts.top_k else None}
     out = Path(out)
     prepare_out(out, settings)
     done = {r["source_id"] for r in read_records(out)}
@@ -371,7 +375,7 @@ def pseudo_label(teacher: str, data: str, out: Path, opts: PseudoLabelOptions | 
     dropped = Counter(r["reason"] for r in records if not r["kept"])
     kept_wer = [r["pseudo_wer"] for r in kept if r["pseudo_wer"] is not None]
     summary = {"teacher": teacher, "data": data, "out": str(out), "wer_threshold": opts.wer_threshold,
-               "top_k": opts.top_k, "labelled": len(records), "kept": len(kept),
+               "top_k": opts.top_k, "temperature": opts.temperature if opts.top_k else None, "labelled": len(records), "kept": len(kept),
                "dropped": dict(dropped.most_common()), "dropped_total": sum(dropped.values()),
                "loader_skipped": dict(stats.counts), "loader_skipped_examples": stats.examples,
                "kept_mean_clip_wer": sum(kept_wer) / len(kept_wer) if kept_wer else None,

@@ -79,7 +79,8 @@ def pseudo_labelled_data(recipe: Recipe, out: Path, top_k: int, clips: int) -> s
     folder = out / "pseudo-labelled"
     summary = pseudo_label(recipe.teacher, recipe.data.train[0], folder,
                            PseudoLabelOptions(wer_threshold=100.0, top_k=top_k, limit=clips,
-                                              language=recipe.data.language))
+                                              language=recipe.data.language,
+                                              temperature=recipe.objective.temperature))
     if summary["kept"] == 0:
         raise AsrError(f"{recipe.data.train[0]}: the teacher kept none of the first {clips} clips; "
                        "use another training set")
