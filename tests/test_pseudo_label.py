@@ -69,7 +69,7 @@ def labelled(source, tmp_path_factory):
     progress_after_first = {p.name for p in (out / PROGRESS).iterdir()}
     second_line = _cli(*args, "--nproc", "2")
     return {"out": out, "first": first, "second": json.loads((out / "summary.json").read_text()),
-            "first_progress": progress_after_first, "lines": (first_line, second_line)}
+            "first_progress": progress_after_first, "lines": (first_line, second_line), "args": args}
 
 
 def _progress(out: Path, names=None) -> list[dict]:
@@ -88,6 +88,14 @@ def test_resume_transcribes_each_clip_once_and_shards_over_two_processes(labelle
     later = [p for p in (out / PROGRESS).iterdir() if p.name not in labelled["first_progress"]]
     assert len(later) == 2 and all(p.read_text().strip() for p in later)  # one progress file per process
     assert "pseudo-labelled 5 clips with whisper-tiny.en: kept 3, dropped 2" in labelled["lines"][1]
+
+
+def test_a_finished_folder_is_reused_without_reading_the_data_again(labelled):
+    out = labelled["out"]
+    before = {p: p.stat().st_mtime_ns for p in (out / "metadata.csv", out / "summary.json")}
+    line = _cli(*labelled["args"], "--nproc", "2")
+    assert "this run transcribed 0 in 0 s" in line and "kept 3, dropped 2" in line
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing rewritten
 
 
 def test_filters_drop_by_reason_and_the_folder_is_a_dataset(labelled, source):

@@ -9,7 +9,8 @@ builds for training), so KD at that temperature can run without the teacher.
 
 Rows are split over N local processes (strided). Each process makes its finished clips durable every
 `flush_every` clips: audio, then a top-K safetensors file, then lines in its own progress JSONL. A stopped
-run re-run with the same command continues where it stopped; no clip is transcribed twice.
+run re-run with the same command continues where it stopped; no clip is transcribed twice. A finished folder
+(its summary.json went through every row of the data) is reused as it is, without reading the data again.
 """
 from __future__ import annotations
 
@@ -346,10 +347,13 @@ def pseudo_label(teacher: str, data: str, out: Path, opts: PseudoLabelOptions | 
                 "language": opts.language, "temperature": opts.temperature if opts.top_k else None}
     out = Path(out)
     prepare_out(out, settings)
-    done = {r["source_id"] for r in read_records(out)}
     ds = open_dataset(DatasetRef.parse(data))
     if opts.limit is not None:
         ds = ds.select(range(min(opts.limit, len(ds))))
+    finished = json.loads((out / SUMMARY).read_text()) if (out / SUMMARY).is_file() else None
+    if finished is not None and finished.get("rows") == len(ds):  # a run went through every row: nothing to scan
+        return {**finished, "transcribed_this_run": 0, "seconds_this_run": round(time.perf_counter() - started, 1)}
+    done = {r["source_id"] for r in read_records(out)}
     stats = SkipStats()
     todo = rows_to_label(ds, done, stats)
     world = max(1, min(opts.nproc, len(todo)))
@@ -374,14 +378,15 @@ def pseudo_label(teacher: str, data: str, out: Path, opts: PseudoLabelOptions | 
     remove_orphans(out, records)
     dropped = Counter(r["reason"] for r in records if not r["kept"])
     kept_wer = [r["pseudo_wer"] for r in kept if r["pseudo_wer"] is not None]
-    summary = {"teacher": teacher, "data": data, "out": str(out), "wer_threshold": opts.wer_threshold,
+    summary = {"teacher": teacher, "data": data, "out": str(out), "rows": len(ds), "wer_threshold": opts.wer_threshold,
                "top_k": opts.top_k, "temperature": opts.temperature if opts.top_k else None, "labelled": len(records), "kept": len(kept),
                "dropped": dict(dropped.most_common()), "dropped_total": sum(dropped.values()),
                "loader_skipped": dict(stats.counts), "loader_skipped_examples": stats.examples,
                "kept_mean_clip_wer": sum(kept_wer) / len(kept_wer) if kept_wer else None,
                "transcribed_this_run": len(records) - len(done), "processes": world,
                "seconds_this_run": round(time.perf_counter() - started, 1)}
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    (out / f"{SUMMARY}.part").write_text(json.dumps(summary, indent=2))
+    os.replace(out / f"{SUMMARY}.part", out / SUMMARY)  # its presence marks the folder finished
     return summary
 
 
