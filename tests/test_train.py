@@ -108,6 +108,27 @@ def test_zero_stages_save_and_resume(tmp_path, speech_folder, micro_teacher, sta
         assert torch.equal(final.model.encoder.state_dict()[name], param), name
 
 
+@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_bf16_saves_the_fp32_master_weights_and_the_frozen_encoder_unrounded(tmp_path, speech_folder, micro_teacher,
+                                                                              stage):
+    """bf16 training keeps bf16 copies in the module; the saved student must carry the optimizer's fp32 master
+    weights (compared with DeepSpeed's own zero_to_fp32 reconstruction) and the frozen encoder as it was."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    run = tmp_path / "bf16"
+    asr_run(write_recipe(tmp_path / "bf16.yaml", str(micro_teacher), speech_folder, objective={"method": "kd"},
+                         train={"bf16": True, "zero_stage": stage, "max_steps": 2, "save_every": 2},
+                         tracking={"wandb": False}), run)
+    master = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints" / "step-000002"), tag="ds")
+    teacher, final = load_whisper(str(micro_teacher)), load_whisper(str(run / "final"))
+    for name, param in teacher.model.encoder.state_dict().items():
+        assert torch.equal(final.model.encoder.state_dict()[name], param), name
+    trained = {n: w for n, w in final.state_dict().items() if n.startswith("model.decoder.layers.")}
+    assert trained and all(torch.equal(w, master[n]) for n, w in trained.items())
+    w = trained["model.decoder.layers.0.fc1.weight"]
+    assert not torch.equal(w, w.bfloat16().float())  # not rounded to bf16 on the way out
+
+
 def test_continued_pretraining_with_unfrozen_encoder(tmp_path, speech_folder, micro_teacher):
     """CE only (no teacher in the loop), encoder trained too, linear warm-up/decay schedule."""
     run = tmp_path / "ce"

@@ -53,12 +53,19 @@ def is_complete(ckpt: Path) -> bool:
     return all((ckpt / name).is_file() and (ckpt / name).stat().st_size == size for name, size in sizes.items())
 
 
-def consolidated_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
-    """Full student weights (frozen ones included) on rank 0; ZeRO-3 gathers partitions first."""
+def consolidated_state_dict(engine, zero_stage: int, fp32_source: Path | None = None) -> dict[str, torch.Tensor] | None:
+    """Full student weights in fp32 (frozen ones included) on rank 0; collective.
+
+    With `fp32_source` (bf16 training, where the module holds bf16 copies), trainable weights come from the
+    optimizer's fp32 master copy and frozen ones from `fp32_source`, the student as pruned: saving the module
+    would round every weight to bf16, the frozen encoder included.
+    """
     import deepspeed
     import torch.distributed as dist
 
     module = engine.module
+    if fp32_source is not None:
+        return _fp32_master_state_dict(module, fp32_source)
     if zero_stage == 3:
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()} \
@@ -67,6 +74,35 @@ def consolidated_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] 
     if dist.get_rank() != 0:
         return None
     return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _fp32_master_state_dict(module, fp32_source: Path) -> dict[str, torch.Tensor] | None:
+    from deepspeed.utils import safe_get_full_fp32_param
+    import torch.distributed as dist
+
+    state, frozen = {}, []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            frozen.append(name)
+            continue
+        full = safe_get_full_fp32_param(param)  # collective: every rank calls it for every trainable weight
+        state[name] = (param if full is None else full).detach().float().cpu().clone()
+    if dist.get_rank() != 0:
+        return None
+    return {**state, **read_weights(fp32_source, frozen)}
+
+
+def read_weights(model_dir: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Named tensors of a saved HF model (single or sharded safetensors), read lazily."""
+    from safetensors import safe_open
+
+    index = model_dir / "model.safetensors.index.json"
+    files = json.loads(index.read_text())["weight_map"] if index.is_file() else {n: "model.safetensors" for n in names}
+    out = {}
+    for file in sorted({files[n] for n in names}):
+        with safe_open(model_dir / file, framework="pt") as f:
+            out.update({n: f.get_tensor(n).float() for n in names if files[n] == file})
+    return out
 
 
 LOW_SPACE = 16 * 2**20  # bytes free after a failed write that mean the disk filled up
@@ -93,8 +129,10 @@ def _checkpoint_bytes(ckpt: Path | None) -> int:
         return 0
 
 
-def save_checkpoint(engine, root: Path, step: int, client_state: dict, zero_stage: int, processor) -> Path:
-    """Collective: every rank writes its DeepSpeed shard; rank 0 adds the HF student, seals and renames.
+def save_checkpoint(engine, root: Path, step: int, client_state: dict, zero_stage: int, processor,
+                    fp32_source: Path | None = None) -> Path:
+    """Collective: every rank writes its DeepSpeed shard; rank 0 adds the HF student (fp32; see
+    `consolidated_state_dict` for `fp32_source`), seals and renames.
 
     A full disk removes the partial `.tmp` and raises AsrError; `latest` still names the previous checkpoint.
     """
@@ -108,7 +146,7 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict, zero_stag
             tmp.mkdir(parents=True)
         dist.barrier()
         engine.save_checkpoint(str(tmp), tag="ds", client_state=client_state, save_latest=False)
-        state = consolidated_state_dict(engine, zero_stage)
+        state = consolidated_state_dict(engine, zero_stage, fp32_source)
         if dist.get_rank() == 0:
             engine.module.save_pretrained(tmp / "hf", state_dict=state)
             processor.tokenizer.save_pretrained(tmp / "hf")

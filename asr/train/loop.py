@@ -180,18 +180,17 @@ class Trainer:
     def rng_states(self) -> list[dict]:
         return self.gather({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()})
 
-    def data_state(self) -> dict | None:
-        """The streaming position (in-memory batches are a pure function of the step and need none)."""
-        return self.batches.state() if isinstance(self.batches, StreamingBatches) else None
-
     def gather(self, mine) -> list:
         gathered: list = [None] * self.dist.world
         dist.all_gather_object(gathered, mine)
         return gathered
 
     def checkpoint(self, step: int, history: list[dict]) -> None:
-        client = {"step": step, "history": history, "rng": self.rng_states(), "data": self.gather(self.data_state())}
-        ckpt = save_checkpoint(self.engine, self.ckpt_root, step, client, self.recipe.train.zero_stage, self.processor)
+        streaming = isinstance(self.batches, StreamingBatches)  # in-memory batches are a function of the step
+        client = {"step": step, "history": history, "rng": self.rng_states(),
+                  "data": self.gather(self.batches.state()) if streaming else None}
+        ckpt = save_checkpoint(self.engine, self.ckpt_root, step, client, self.recipe.train.zero_stage, self.processor,
+                               fp32_source=self.run_dir / "student" if self.bf16 else None)
         best = None
         if self.bench is not None:
             record = self.bench.checkpoint(ckpt / "hf", step)
