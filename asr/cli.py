@@ -43,7 +43,7 @@ def _pseudo_label(args: argparse.Namespace) -> None:
 
     opts = PseudoLabelOptions(wer_threshold=args.wer_threshold, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
                               language=args.language, nproc=args.nproc, batch_size=args.batch_size, limit=args.limit,
-                              temperature=args.temperature)
+                              temperature=args.temperature, teacher_states=args.teacher_states)
     print(summary_line(pseudo_label(args.teacher, args.data, Path(args.out), opts)))
 
 
@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     pseudo.add_argument("--top-k", type=int, help="also store the teacher's top-K log-probs per label position")
     pseudo.add_argument("--temperature", type=float, default=2.0,
                         help="of the stored top-K log-probs; must equal the distilling recipe's objective.temperature")
+    pseudo.add_argument("--teacher-states", action="store_true",
+                        help="also store the teacher's final decoder states (2 bytes x d_model per token): exact KD")
     pseudo.add_argument("--nproc", type=int, default=1, help="local processes, each labelling a stride of the rows")
     pseudo.add_argument("--batch-size", type=int, default=8)
     pseudo.add_argument("--limit", type=int, help="only the first N rows")

@@ -45,7 +45,8 @@ class PseudoLabelConfig:
     the labelled folders are cached and replace data.train, and training uses their `pseudo_label` column."""
 
     wer_threshold: float = 10.0  # percent: drop clips whose teacher transcript is further from the reference
-    top_k: int | None = None  # also store the teacher's top-K log-probs, for objective.teacher_cache
+    top_k: int | None = None  # also store the teacher's top-K log-probs, for objective.teacher_cache (approximate)
+    teacher_states: bool = False  # also store its final decoder states, for objective.teacher_cache (exact)
     max_new_tokens: int = 224
     batch_size: int = 8
 

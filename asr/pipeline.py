@@ -47,7 +47,8 @@ def pseudo_labelled(recipe: Recipe, data: str) -> str:
     out = cache_dir() / "pseudo" / f"{DatasetRef.parse(data).label}-{hashlib.sha1(identity.encode()).hexdigest()[:10]}"
     opts = PseudoLabelOptions(wer_threshold=spec.wer_threshold, top_k=spec.top_k, max_new_tokens=spec.max_new_tokens,
                               language=d.language, nproc=recipe.train.nproc, batch_size=spec.batch_size,
-                              limit=d.train_limit, temperature=recipe.objective.temperature)
+                              limit=d.train_limit, temperature=recipe.objective.temperature,
+                              teacher_states=spec.teacher_states)
     print(summary_line(pseudo_label(recipe.teacher, data, out, opts)), flush=True)
     return str(out)
 
@@ -67,8 +68,9 @@ def resolve_data(recipe: Recipe) -> Recipe:
                        "with it, or the live teacher (objective.teacher_cache=false)")
     labels = data.labels
     if data.pseudo_label is not None:
-        if recipe.objective.teacher_cache and data.pseudo_label.top_k is None:
-            raise AsrError("objective.teacher_cache needs the teacher's top-K: set data.pseudo_label.top_k (e.g. 32)")
+        if recipe.objective.teacher_cache and not (data.pseudo_label.top_k or data.pseudo_label.teacher_states):
+            raise AsrError("objective.teacher_cache needs cached teacher targets: set data.pseudo_label.teacher_states"
+                           "=true (exact) or data.pseudo_label.top_k (e.g. 32; approximate, smaller)")
         train, labels = [pseudo_labelled(recipe, t) for t in train], "pseudo"
     return dataclasses.replace(recipe, data=dataclasses.replace(data, train=train, eval=evals, labels=labels,
                                                                 synth_train=None, synth_eval=None, pseudo_label=None))

@@ -25,7 +25,7 @@ from asr.cli import main as asr_main
 from asr.data.features import label_layout, log_mel
 from asr.data.loading import DatasetRef, SkipStats, iter_samples, open_dataset
 from asr.train.objectives import kd_loss, kd_loss_topk
-from asr.train.pseudo_label import PROGRESS, drop_reason, load_topk
+from asr.train.pseudo_label import PROGRESS, drop_reason, read_teacher_targets
 
 TEACHER = "whisper-tiny.en"
 MISLABELLED = "Seven green tables are floating above the quiet harbour."
@@ -63,7 +63,7 @@ def labelled(source, tmp_path_factory):
     """A run stopped after the first 2 rows (--limit), then the same command without it on 2 processes."""
     out = tmp_path_factory.mktemp("pl") / "out"
     args = ["pseudo-label", "--teacher", TEACHER, "--data", str(source), "--out", str(out), "--wer-threshold", "50",
-            "--top-k", str(TOP_K), "--batch-size", "2"]
+            "--top-k", str(TOP_K), "--teacher-states", "--batch-size", "2"]
     first_line = _cli(*args, "--limit", "2")
     first = json.loads((out / "summary.json").read_text())
     progress_after_first = {p.name for p in (out / PROGRESS).iterdir()}
@@ -122,33 +122,43 @@ def test_filters_drop_by_reason_and_the_folder_is_a_dataset(labelled, source):
     assert pseudo["clip1.wav"] == gold["clip1.wav"]  # tiny.en gets this flite sentence exactly right
 
 
-def test_topk_round_trip_matches_a_fresh_teacher_forward(labelled, source):
-    from asr.models.loading import load_processor, load_whisper
+def test_teacher_targets_round_trip_match_a_fresh_teacher_forward(labelled, source):
+    from asr.models.loading import load_processor, load_whisper, output_embedding
 
     out = labelled["out"]
     records = {r["file_name"]: r for r in _progress(out) if r["kept"]}
-    stored = load_topk(out, set(records))
+    stored = read_teacher_targets(out, set(records))
     assert set(stored) == set(records)
     model, processor = load_whisper(TEACHER), load_processor(TEACHER)
+    embedding = output_embedding(TEACHER)
+    assert torch.equal(embedding, model.proj_out.weight)
     for name, record in records.items():
-        ids, logprobs = stored[name]
+        ids, logprobs, states = stored[name]["ids"], stored[name]["logprobs"], stored[name]["states"]
         decoder_ids, labels = label_layout(processor.tokenizer, model.generation_config, record["pseudo_label"], "en")
-        assert ids.dtype == torch.int32 and logprobs.dtype == torch.float16
-        assert ids.shape == (sum(label != -100 for label in labels), TOP_K)
+        positions = sum(label != -100 for label in labels)
+        assert ids.dtype == torch.int32 and logprobs.dtype == torch.float16 and states.dtype == torch.float16
+        assert ids.shape == (positions, TOP_K) and states.shape == (positions, model.config.d_model)
         audio, _ = sf.read(source / name, dtype="float32")
         with torch.inference_mode():  # one clip alone, unpadded: a different batch than the one that stored it
             logits = model(input_features=log_mel(processor.feature_extractor, audio),
                            decoder_input_ids=torch.tensor([decoder_ids])).logits[0]
         labelled_logits = logits[[j for j, label in enumerate(labels) if label != -100]]
-        fresh = torch.log_softmax(labelled_logits / 2.0, dim=-1)  # stored at the default temperature, 2
+        # final states: the teacher's logits, exactly up to fp16 storage, so KD from them is the live teacher's
+        torch.testing.assert_close(states.float() @ embedding.T, labelled_logits, atol=0.1, rtol=0.01)
+        target = torch.zeros(positions, dtype=torch.long)[None]
+        live, cached = kd_loss(labelled_logits[None] * 0.5, labelled_logits[None], target), \
+            kd_loss(labelled_logits[None] * 0.5, (states.float() @ embedding.T)[None], target)
+        assert cached["kl"].item() == pytest.approx(live["kl"].item(), rel=1e-2)
+        # top-K: stored at the default temperature, 2
+        fresh = torch.log_softmax(labelled_logits / 2.0, dim=-1)
         values, _ = fresh.topk(TOP_K, dim=-1)
         torch.testing.assert_close(logprobs.float(), values, atol=2e-2, rtol=2e-3)  # fp16 storage
         torch.testing.assert_close(logprobs.float(), fresh.gather(-1, ids.long()), atol=2e-2, rtol=2e-3)
         assert 0.02 < logprobs.float().exp().sum(-1).max() < 0.98  # the top K leave tempered mass in the tail
-        # the cached loss pushes a student the way the live teacher's full-vocabulary KL does
+        # for a student near the teacher, the top-K loss pushes the way the full-vocabulary KL does (far from it,
+        # the tail it cannot see dominates: see README "Cached teacher targets")
         student = (labelled_logits + 3 * torch.randn(labelled_logits.shape, generator=torch.Generator().manual_seed(0))
                    ).requires_grad_(True)
-        target = torch.zeros(len(labelled_logits), dtype=torch.long)[None]  # CE is the same term in both
         grads = []
         for loss in (kd_loss(student[None], labelled_logits[None], target)["kl"],
                      kd_loss_topk(student[None], ids.long()[None], logprobs.float()[None], target)["kl"]):
@@ -157,16 +167,26 @@ def test_topk_round_trip_matches_a_fresh_teacher_forward(labelled, source):
         assert 0.8 < (grads[1].norm() / grads[0].norm()).item() < 1.2
 
 
-def test_distilling_at_another_temperature_than_the_stored_topk_stops_with_the_fix(labelled):
+def test_training_prefers_the_exact_states_and_checks_the_topk_temperature(labelled, tmp_path):
     from asr.data.features import Encoded
     from asr.errors import AsrError
-    from asr.train.data import load_teacher_topk
+    from asr.train.data import load_teacher_targets
 
-    name = next(r["file_name"] for r in _progress(labelled["out"]) if r["kept"])
-    example = Encoded(name, np.zeros((80, 1), np.float32), [1], [5], "x", "en")
+    out = labelled["out"]
+    name = next(r["file_name"] for r in _progress(out) if r["kept"])
+    positions = read_teacher_targets(out, {name})[name]["ids"].shape[0]
+    example = Encoded(name, np.zeros((80, 1), np.float32), [1] * positions, [5] * positions, "x", "en")
+    [targets] = load_teacher_targets([example], [str(out)], TEACHER, temperature=1.0)  # states: any temperature
+    assert set(targets) == {"states"}
+    topk_only = tmp_path / "topk-only"  # the same folder as `asr pseudo-label --top-k 4` alone would make it
+    shutil.copytree(out, topk_only)
+    settings = json.loads((topk_only / "pseudo-label.json").read_text())
+    (topk_only / "pseudo-label.json").write_text(json.dumps({**settings, "teacher_states": None}))
+    [targets] = load_teacher_targets([example], [str(topk_only)], TEACHER, temperature=2.0)
+    assert set(targets) == {"ids", "logprobs"}
     with pytest.raises(AsrError, match=r"stored at temperature 2.0 but objective.temperature is 1.0; re-run "
                                        r"`asr pseudo-label --top-k 4 --temperature 1.0`"):
-        load_teacher_topk([example], [str(labelled["out"])], TEACHER, temperature=1.0)
+        load_teacher_targets([example], [str(topk_only)], TEACHER, temperature=1.0)
 
 
 def test_drop_reasons_on_constructed_outputs():
@@ -218,36 +238,57 @@ loading.load_whisper = load_whisper
 """
 
 
-def test_recipe_pseudo_labels_then_distils_from_the_cached_topk_without_the_teacher(source, speech_folder, tmp_path):
-    """data.pseudo_label in a recipe: the run labels data.train first (cached), then KD reads the stored top-K."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(_HOOK.format(teacher=TEACHER))
-    recipe = {"name": "cached", "teacher": TEACHER, "prune": {"keep": [0, 3]},
-              "data": {"train": [str(source)], "eval": [str(speech_folder)],
-                       "pseudo_label": {"wer_threshold": 50, "top_k": TOP_K, "batch_size": 2}},
-              "objective": {"method": "kd", "teacher_cache": True}, "optim": {"lr": 1e-3},
+def _run_recipe(tmp_path: Path, name: str, source: Path, eval_data: Path, cached: dict | None,
+                hook: Path | None = None) -> Path:
+    """`asr run` of a 2-step KD recipe pseudo-labelling `source` first; `cached`: the stored teacher targets
+    (the live teacher when None). Returns the run directory."""
+    targets = cached or {"top_k": TOP_K, "teacher_states": True}
+    recipe = {"name": name, "teacher": TEACHER, "prune": {"keep": [0, 3]},
+              "data": {"train": [str(source)], "eval": [str(eval_data)],
+                       "pseudo_label": {"wer_threshold": 50, "batch_size": 2, **targets}},
+              "objective": {"method": "kd", "teacher_cache": cached is not None}, "optim": {"lr": 1e-3},
               "eval": {"limit": 2, "batch_size": 2, "max_new_tokens": 6, "latency_clips": 1, "warmup": 0},
               "train": {"max_steps": 2, "batch_size": 2, "save_every": 2, "log_every": 1, "nproc": 1},
               "tracking": {"wandb": False}}
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    env = {**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "ASR_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "asr", "run", str(tmp_path / "r.yaml"), "--run-dir",
-                           str(tmp_path / "run")], capture_output=True, text=True, timeout=600, env=env)
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "ASR_CACHE": str(tmp_path / "cache")}
+    if hook is not None:
+        env["PYTHONPATH"] = f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    proc = subprocess.run([sys.executable, "-m", "asr", "run", str(tmp_path / f"{name}.yaml"), "--run-dir",
+                           str(tmp_path / name)], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
-    assert "pseudo-labelled 5 clips with whisper-tiny.en: kept 3, dropped 2" in proc.stdout
-    assert f"KD from cached teacher top-K (k={TOP_K})" in proc.stdout and "teacher not loaded" in proc.stdout
-    resolved = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["data"]
+    (tmp_path / name / "stdout.txt").write_text(proc.stdout)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("cached", [{"top_k": TOP_K}, {"teacher_states": True}], ids=["top-k", "states"])
+def test_recipe_pseudo_labels_then_distils_from_cached_targets_without_the_teacher(source, speech_folder, tmp_path,
+                                                                                   cached):
+    """data.pseudo_label in a recipe: the run labels data.train first (cached), then KD reads the stored targets
+    and never loads the teacher. From the final states, the losses are the live teacher's."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_HOOK.format(teacher=TEACHER))
+    run = _run_recipe(tmp_path, "cached", source, speech_folder, cached, hook)
+    stdout = (run / "stdout.txt").read_text()
+    assert "pseudo-labelled 5 clips with whisper-tiny.en: kept 3, dropped 2" in stdout
+    what = f"top-K (k={TOP_K})" if "top_k" in cached else "final decoder states (exact)"
+    assert f"KD from the cached teacher {what}" in stdout and "teacher not loaded" in stdout
+    resolved = yaml.safe_load((run / "recipe.yaml").read_text())["data"]
     [folder] = resolved["train"]
     assert resolved["labels"] == "pseudo" and resolved["pseudo_label"] is None
     assert Path(folder).parent == tmp_path / "cache" / "pseudo" and (Path(folder) / "summary.json").is_file()
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["kl"] > 0 and r["ce"] > 0 for r in rows)
-    assert (tmp_path / "run" / "final" / "config.json").is_file()
+    assert (run / "final" / "config.json").is_file()
+    if "teacher_states" in cached:
+        live = _run_recipe(tmp_path, "live", source, speech_folder, None)
+        live_rows = [json.loads(line) for line in (live / "metrics.jsonl").read_text().splitlines()]
+        for a, b in zip(rows, live_rows):
+            assert a["kl"] == pytest.approx(b["kl"], rel=2e-3) and a["ce"] == pytest.approx(b["ce"], rel=2e-3)
 
 
-def test_train_batches_carry_topk_at_the_labelled_positions():
+def test_train_batches_carry_the_cached_targets_at_the_labelled_positions():
     from asr.data.features import Encoded, WhisperCollator
     from asr.train.data import TrainBatches, batch_indices
 
@@ -255,13 +296,16 @@ def test_train_batches_carry_topk_at_the_labelled_positions():
         return Encoded(name, np.zeros((80, 3000), np.float32), [1] * len(labels), labels, "x", "en")
 
     examples = [example("a", [-100, 5, 6, 7]), example("b", [-100, -100, 8, 9, 10, 11])]
-    topk = [(torch.arange(6, dtype=torch.int32).view(3, 2), torch.full((3, 2), -0.5, dtype=torch.float16)),
-            (torch.arange(8, dtype=torch.int32).view(4, 2) + 100, torch.full((4, 2), -1.5, dtype=torch.float16))]
-    batches = TrainBatches(examples, WhisperCollator(0), batch_size=2, seed=0, rank=0, teacher_topk=topk)
+    targets = [{"ids": torch.arange(6, dtype=torch.int32).view(3, 2), "logprobs": torch.full((3, 2), -0.5).half(),
+                "states": torch.randn(3, 5).half()},
+               {"ids": torch.arange(8, dtype=torch.int32).view(4, 2) + 100, "logprobs": torch.full((4, 2), -1.5).half(),
+                "states": torch.randn(4, 5).half()}]
+    batches = TrainBatches(examples, WhisperCollator(0), batch_size=2, seed=0, rank=0, teacher_targets=targets)
     batch = batches.batch(0)
     for row, i in enumerate(batch_indices(0, len(examples), 2, seed=0, rank=0)):
         mask = batch["labels"][row] != -100
-        assert torch.equal(batch["topk_ids"][row, mask], topk[i][0].long())
-        assert torch.equal(batch["topk_logprobs"][row, mask], topk[i][1].float())
-        assert not batch["topk_ids"][row, ~mask].any() and not batch["topk_logprobs"][row, ~mask].any()
-    assert batch["topk_ids"].shape == (2, 6, 2)
+        for kind, key in (("ids", "topk_ids"), ("logprobs", "topk_logprobs"), ("states", "teacher_states")):
+            assert torch.equal(batch[key][row, mask], targets[i][kind].to(batch[key].dtype))
+            assert not batch[key][row, ~mask].any()
+    assert batch["topk_ids"].shape == (2, 6, 2) and batch["teacher_states"].shape == (2, 6, 5)
+    assert batch["topk_ids"].dtype == torch.long and batch["teacher_states"].dtype == torch.float32

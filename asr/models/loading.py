@@ -1,7 +1,9 @@
 """Load a Whisper model and its processor from any model reference (registry name, directory, hub id)."""
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -33,6 +35,41 @@ def load_whisper(ref: str, dtype: torch.dtype = torch.float32):
         raise AsrError(f"{ref}: cannot load a Whisper model from {path} ({str(exc).splitlines()[0]}); "
                        "check the directory is complete (config.json, model.safetensors)") from None
     return model.eval()
+
+
+def read_weights(model_dir: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Named tensors (fp32) of a saved HF model (single or sharded safetensors), read without building it."""
+    from safetensors import safe_open
+
+    index = model_dir / "model.safetensors.index.json"
+    files = json.loads(index.read_text())["weight_map"] if index.is_file() else {n: "model.safetensors" for n in names}
+    out = {}
+    for file in sorted({files[n] for n in names}):
+        with safe_open(model_dir / file, framework="pt") as f:
+            out.update({n: f.get_tensor(n).float() for n in names if files[n] == file})
+    return out
+
+
+def output_embedding(ref: str) -> torch.Tensor:
+    """A Whisper's output projection [vocab, d_model] (tied to the token embedding), read without loading the
+    model: with the decoder's final states it gives the exact logits."""
+    model_dir = Path(resolve_model(ref))
+    if not model_dir.is_dir():  # a hub id: the files of the cached snapshot
+        from huggingface_hub import snapshot_download
+
+        model_dir = Path(snapshot_download(str(model_dir), allow_patterns=["*.safetensors", "*.json"]))
+    index = model_dir / "model.safetensors.index.json"
+    if not index.is_file() and not (model_dir / "model.safetensors").is_file():
+        raise AsrError(f"{ref}: no safetensors weights in {model_dir}; re-save the model with save_pretrained")
+    if index.is_file():
+        names = set(json.loads(index.read_text())["weight_map"])
+    else:
+        from safetensors import safe_open
+
+        with safe_open(model_dir / "model.safetensors", framework="pt") as f:
+            names = set(f.keys())
+    name = "proj_out.weight" if "proj_out.weight" in names else "model.decoder.embed_tokens.weight"
+    return read_weights(model_dir, [name])[name]
 
 
 def local_device(local_rank: int | None = None) -> torch.device:

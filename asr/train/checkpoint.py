@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from asr.errors import AsrError
+from asr.models.loading import read_weights
 
 COMPLETE = "COMPLETE"
 
@@ -90,19 +91,6 @@ def _fp32_master_state_dict(module, fp32_source: Path) -> dict[str, torch.Tensor
     if dist.get_rank() != 0:
         return None
     return {**state, **read_weights(fp32_source, frozen)}
-
-
-def read_weights(model_dir: Path, names: list[str]) -> dict[str, torch.Tensor]:
-    """Named tensors of a saved HF model (single or sharded safetensors), read lazily."""
-    from safetensors import safe_open
-
-    index = model_dir / "model.safetensors.index.json"
-    files = json.loads(index.read_text())["weight_map"] if index.is_file() else {n: "model.safetensors" for n in names}
-    out = {}
-    for file in sorted({files[n] for n in names}):
-        with safe_open(model_dir / file, framework="pt") as f:
-            out.update({n: f.get_tensor(n).float() for n in names if files[n] == file})
-    return out
 
 
 LOW_SPACE = 16 * 2**20  # bytes free after a failed write that mean the disk filled up

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from asr.data.features import IGNORE_INDEX, Encoded, WhisperCollator, encode_sample
 from asr.data.loading import DatasetRef, Sample, SkipStats, iter_samples, open_dataset
-from asr.train.pseudo_label import load_topk, settings_of
+from asr.train.pseudo_label import read_teacher_targets, settings_of
 from asr.errors import AsrError
 from asr.models.loading import weights_fingerprint
 
@@ -61,10 +61,14 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int) -> l
     return out
 
 
+BATCH_KEYS = {"ids": "topk_ids", "logprobs": "topk_logprobs", "states": "teacher_states"}
+
+
 @dataclass
 class TrainBatches:
     """Collated batches for any step, with `encoder_states` in place of features when cached, and the cached
-    teacher top-K (`topk_ids`, `topk_logprobs` [B, T, K], filled at the labelled positions) when given."""
+    teacher targets (`topk_ids` and `topk_logprobs` [B, T, K], or `teacher_states` [B, T, d]) filled in at the
+    labelled positions when given."""
 
     examples: list[Encoded]
     collator: WhisperCollator
@@ -72,7 +76,7 @@ class TrainBatches:
     seed: int
     rank: int
     encoder_states: torch.Tensor | None = None  # [N, frames, d_model] fp16
-    teacher_topk: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per example: ids, log-probs [P, K]
+    teacher_targets: list[dict[str, torch.Tensor]] | None = None  # per example: kind -> [P, K or d]
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -83,48 +87,52 @@ class TrainBatches:
         if self.encoder_states is not None:
             del batch["input_features"]
             batch["encoder_states"] = self.encoder_states[idx]
-        if self.teacher_topk is not None:
+        if self.teacher_targets is not None:
             labels = batch["labels"]
-            k = self.teacher_topk[0][0].shape[1]
-            ids = torch.zeros((*labels.shape, k), dtype=torch.long)
-            logprobs = torch.zeros((*labels.shape, k), dtype=torch.float32)
-            for row, i in enumerate(idx):
-                mask = labels[row] != IGNORE_INDEX
-                ids[row, mask], logprobs[row, mask] = self.teacher_topk[i][0].long(), self.teacher_topk[i][1].float()
-            batch["topk_ids"], batch["topk_logprobs"] = ids, logprobs
+            for kind, first in self.teacher_targets[0].items():
+                dtype = torch.long if kind == "ids" else torch.float32
+                full = torch.zeros((*labels.shape, first.shape[1]), dtype=dtype)
+                for row, i in enumerate(idx):
+                    full[row, labels[row] != IGNORE_INDEX] = self.teacher_targets[i][kind].to(dtype)
+                batch[BATCH_KEYS[kind]] = full
         return batch
 
 
-def load_teacher_topk(examples: Sequence[Encoded], datasets: Sequence[str], teacher: str,
-                      temperature: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The cached teacher top-K of every example (same order), from `asr pseudo-label --top-k` folders made at
-    the objective's `temperature`."""
-    found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    wanted = {e.id for e in examples}
+def load_teacher_targets(examples: Sequence[Encoded], datasets: Sequence[str], teacher: str,
+                         temperature: float) -> list[dict[str, torch.Tensor]]:
+    """The cached teacher targets of every example (same order) from `asr pseudo-label` folders: the final
+    decoder states where every folder has them (exact), else the top-K made at the objective's `temperature`."""
+    settings = {ref: settings_of(Path(ref)) or {} for ref in datasets}
+    for ref, made in settings.items():
+        if not made.get("top_k") and not made.get("teacher_states"):
+            raise AsrError(f"{ref}: no cached teacher targets; make the folder with `asr pseudo-label --teacher "
+                           f"{teacher} --data SOURCE --out DIR --teacher-states` (or --top-k 32), or set "
+                           "objective.teacher_cache=false")
+        if made["teacher"] != teacher:
+            raise AsrError(f"{ref}: its targets came from teacher {made['teacher']} but the recipe's teacher is "
+                           f"{teacher}; set teacher: {made['teacher']} or re-run `asr pseudo-label` with {teacher}")
+    use_states = all(made.get("teacher_states") for made in settings.values())
+    for ref, made in settings.items():
+        if not use_states and made.get("temperature") != temperature:
+            was = (f"at temperature {made['temperature']}" if made.get("temperature") is not None
+                   else "by an older asr-distill, without the mass outside the top K")
+            raise AsrError(f"{ref}: its top-K was stored {was} but objective.temperature is {temperature}; re-run "
+                           f"`asr pseudo-label --top-k {made['top_k']} --temperature {temperature}` into a new --out")
+    kinds = ("states",) if use_states else ("ids", "logprobs")
+    found: dict[str, dict[str, torch.Tensor]] = {}
     for ref in datasets:
-        settings = settings_of(Path(ref))
-        if settings is None or not settings.get("top_k"):
-            raise AsrError(f"{ref}: no cached teacher top-K; make the folder with `asr pseudo-label --teacher "
-                           f"{teacher} --data SOURCE --out DIR --top-k 16`, or set objective.teacher_cache=false")
-        if settings["teacher"] != teacher:
-            raise AsrError(f"{ref}: top-K came from teacher {settings['teacher']} but the recipe's teacher is "
-                           f"{teacher}; set teacher: {settings['teacher']} or re-run `asr pseudo-label` with {teacher}")
-        if settings.get("temperature") != temperature:
-            made = (f"at temperature {settings['temperature']}" if settings.get("temperature") is not None
-                    else "by an older asr-distill, without the mass outside the top K")
-            raise AsrError(f"{ref}: its top-K was stored {made} but objective.temperature is {temperature}; re-run "
-                           f"`asr pseudo-label --top-k {settings['top_k']} --temperature {temperature}` into a new --out")
-        found.update(load_topk(Path(ref), wanted))
+        found.update(read_teacher_targets(Path(ref), {e.id for e in examples}))
     out = []
     for e in examples:
-        if e.id not in found:
-            raise AsrError(f"{e.id}: no cached teacher top-K in {', '.join(datasets)}; re-run `asr pseudo-label` "
+        if e.id not in found or any(k not in found[e.id] for k in kinds):
+            raise AsrError(f"{e.id}: no cached teacher targets in {', '.join(datasets)}; re-run `asr pseudo-label` "
                            "on its folder to finish it")
         positions = sum(label != IGNORE_INDEX for label in e.labels)
-        if found[e.id][0].shape[0] != positions:
-            raise AsrError(f"{e.id}: cached top-K covers {found[e.id][0].shape[0]} label positions but the "
-                           f"transcript has {positions}; train on the pseudo-labels (data.labels=pseudo)")
-        out.append(found[e.id])
+        stored = found[e.id][kinds[0]].shape[0]
+        if stored != positions:
+            raise AsrError(f"{e.id}: cached teacher targets cover {stored} label positions but the transcript has "
+                           f"{positions}; train on the pseudo-labels (data.labels=pseudo)")
+        out.append({k: found[e.id][k] for k in kinds})
     return out
 
 

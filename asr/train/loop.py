@@ -22,10 +22,10 @@ from asr.config import Recipe, recipe_to_dict
 from asr.data.features import WhisperCollator
 from asr.data.loading import SkipStats
 from asr.errors import AsrError
-from asr.models.loading import load_processor, load_whisper, same_encoder
+from asr.models.loading import load_processor, load_whisper, output_embedding, same_encoder
 from asr.models.registry import cache_dir
 from asr.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from asr.train.data import TrainBatches, cache_encoder_states, load_shard, load_teacher_topk
+from asr.train.data import TrainBatches, cache_encoder_states, load_shard, load_teacher_targets
 from asr.train.engine import Dist, build_engine, init_distributed, use_bf16
 from asr.train.evaluate import CheckpointBench
 from asr.train.stream import StreamingBatches
@@ -37,11 +37,11 @@ PREEMPT = "PREEMPT"  # written by whoever wants the run to stop at the next step
 PREEMPTED = "PREEMPTED"  # written by the run when it stopped early with a checkpoint
 
 
-def check_compatible(student, teacher, student_ref: str, teacher_ref: str) -> None:
+def check_compatible(student_vocab: int, teacher_vocab: int, student_ref: str, teacher_ref: str) -> None:
     """KD compares distributions token by token: the vocabularies must be the same."""
-    if student.config.vocab_size != teacher.config.vocab_size:
-        raise AsrError(f"student {student_ref} has {student.config.vocab_size} tokens but teacher {teacher_ref} has "
-                       f"{teacher.config.vocab_size}; distil from a teacher with the same tokenizer")
+    if student_vocab != teacher_vocab:
+        raise AsrError(f"student {student_ref} has {student_vocab} tokens but teacher {teacher_ref} has "
+                       f"{teacher_vocab}; distil from a teacher with the same tokenizer")
 
 
 @dataclass
@@ -65,11 +65,11 @@ class Trainer:
         self.teacher = None
         teacher_cache = r.objective.method == "kd" and r.objective.teacher_cache
         if teacher_cache and r.data.labels != "pseudo":
-            raise AsrError("objective.teacher_cache: the cached top-K is aligned to the pseudo-labels; "
+            raise AsrError("objective.teacher_cache: the cached teacher targets are aligned to the pseudo-labels; "
                            "set data.labels=pseudo")
         if r.objective.method == "kd" and not teacher_cache:
             self.teacher = load_whisper(r.teacher)
-            check_compatible(student, self.teacher, str(student_dir), r.teacher)
+            check_compatible(student.config.vocab_size, self.teacher.config.vocab_size, str(student_dir), r.teacher)
             self.teacher.requires_grad_(False)
         if r.train.freeze_encoder:
             student.model.encoder.requires_grad_(False)
@@ -86,8 +86,14 @@ class Trainer:
         else:
             self.batches = self.in_memory_batches(student, collator, text_column, teacher_cache)
         self.bf16 = use_bf16(r.train.bf16)
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
         if self.teacher is not None:
-            self.teacher.to(self.dist.device, torch.bfloat16 if self.bf16 else torch.float32)
+            self.teacher.to(self.dist.device, dtype)
+        self.teacher_out = None  # the teacher's output projection, for KD from its cached final decoder states
+        targets = None if r.data.streaming else self.batches.teacher_targets
+        if targets and "states" in targets[0]:
+            self.teacher_out = output_embedding(r.teacher).to(self.dist.device, dtype)
+            check_compatible(student.config.vocab_size, self.teacher_out.shape[0], str(student_dir), r.teacher)
         self.engine = build_engine(student, r.train, r.optim)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.tracker = Tracker(self.run_dir, recipe_to_dict(r), r.tracking.project, r.tracking.mode,
@@ -96,7 +102,7 @@ class Trainer:
 
     def in_memory_batches(self, student, collator: WhisperCollator, text_column: str | None,
                           teacher_cache: bool) -> TrainBatches:
-        """This rank's shard encoded up front, with cached encoder states and teacher top-K where configured."""
+        """This rank's shard encoded up front, with cached encoder states and teacher targets where configured."""
         r = self.recipe
         examples = load_shard(r.data.train, self.processor, student.generation_config, self.dist.rank,
                               self.dist.world, r.data.max_label_tokens, r.data.train_limit, r.data.language,
@@ -112,13 +118,14 @@ class Trainer:
                                           show_progress=self.dist.is_main)
             for e in examples:
                 e.input_features = e.input_features[:, :0]  # features are no longer needed: free the memory
-        topk = None
+        targets = None
         if teacher_cache:
-            topk = load_teacher_topk(examples, r.data.train, r.teacher, r.objective.temperature)
+            targets = load_teacher_targets(examples, r.data.train, r.teacher, r.objective.temperature)
             if self.dist.is_main:
-                print(f"KD from cached teacher top-K (k={topk[0][0].shape[1]}) in {', '.join(r.data.train)}; "
-                      "teacher not loaded", flush=True)
-        return TrainBatches(examples, collator, r.train.batch_size, r.train.seed, self.dist.rank, states, topk)
+                what = ("final decoder states (exact)" if "states" in targets[0]
+                        else f"top-K (k={targets[0]['ids'].shape[1]})")
+                print(f"KD from the cached teacher {what} in {', '.join(r.data.train)}; teacher not loaded", flush=True)
+        return TrainBatches(examples, collator, r.train.batch_size, r.train.seed, self.dist.rank, states, targets)
 
     # --- one step --------------------------------------------------------------------------------------
     def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -135,6 +142,9 @@ class Trainer:
             out = self.engine(input_features=batch["input_features"].to(dev, dtype), **decoder)
             encoder_states = out.encoder_last_hidden_state.detach()
         o = self.recipe.objective
+        if "teacher_states" in batch:  # exact: the teacher's logits from its cached final states
+            teacher_logits = batch["teacher_states"].to(dev, self.teacher_out.dtype) @ self.teacher_out.T
+            return kd_loss(out.logits, teacher_logits, labels, o.temperature, o.alpha_kl, o.alpha_ce)
         if "topk_ids" in batch:
             return kd_loss_topk(out.logits, batch["topk_ids"].to(dev), batch["topk_logprobs"].to(dev), labels,
                                 o.temperature, o.alpha_kl, o.alpha_ce)

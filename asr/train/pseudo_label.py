@@ -2,10 +2,13 @@
 
 Clips whose transcript is empty, loops, is all upper case, or is further than a threshold from the reference
 (normalized WER) are dropped and counted by reason. Kept clips become an audiofolder (audio hard-linked,
-`metadata.csv` with file_name, transcription, pseudo_label, pseudo_wer, language) and, with `top_k`, the
-teacher's top-K next-token log-probs at `temperature` (normalized over the whole vocabulary, so the mass outside
-the top K is known) at every label position of the pseudo-label (teacher-forced on the layout `label_layout`
-builds for training), so KD at that temperature can run without the teacher.
+`metadata.csv` with file_name, transcription, pseudo_label, pseudo_wer, language) and the teacher's targets at
+every label position of the pseudo-label (teacher-forced on the layout `label_layout` builds for training), so KD
+can run without the teacher:
+- `top_k`: the top-K next-token log-probs at `temperature` (normalized over the whole vocabulary, so the mass
+  outside the top K is known): compact (6 bytes × K per token) but approximate, see `kd_loss_topk`;
+- `teacher_states`: the decoder's final hidden state (fp16, 2 bytes × d_model per token); the teacher's logits
+  are exactly state · output embeddingᵀ, so KD from it is the live teacher's KD without the teacher forward.
 
 Rows are split over N local processes (strided). Each process makes its finished clips durable every
 `flush_every` clips: audio, then a top-K safetensors file, then lines in its own progress JSONL. A stopped
@@ -43,18 +46,19 @@ from asr.models.registry import resolve_model
 SETTINGS = "pseudo-label.json"  # how the folder was made; a resumed run must use the same settings
 SUMMARY = "summary.json"
 PROGRESS = "progress"  # <run>-r<rank>.jsonl: one line per finished clip, kept or dropped
-TOPK = "topk"  # <run>-r<rank>-<n>.safetensors: "<file_name>.ids" int32 [P, K], "<file_name>.logprobs" fp16 [P, K]
+TOPK = "topk"  # <run>-r<rank>-<n>.safetensors: "<file>.ids" int32 [P, K], "<file>.logprobs" fp16 [P, K], "<file>.states" fp16 [P, d]
 COLUMNS = ("file_name", "transcription", "pseudo_label", "pseudo_wer", "language")
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".webm", ".aac"}
 
 
 @dataclass
 class PseudoLabelOptions:
-    """Knobs of one run; the first five are part of the folder's identity (a resume must not change them)."""
+    """Knobs of one run; the first six are part of the folder's identity (a resume must not change them)."""
 
     wer_threshold: float = 10.0  # percent, normalized WER of the teacher's transcript against the reference
     top_k: int | None = None
     temperature: float = 2.0  # of the stored top-K log-probs: the distilling recipe's objective.temperature
+    teacher_states: bool = False  # store the teacher's final decoder states (exact KD without the teacher)
     max_new_tokens: int = 224  # openai-whisper's default sample_len (n_text_ctx // 2)
     language: str = "en"  # for datasets without a language column
     nproc: int = 1
@@ -93,30 +97,37 @@ def drop_reason(hypothesis: str, reference: str, language: str, capped: bool,
 
 # --- the teacher -----------------------------------------------------------------------------------------
 @torch.inference_mode()
-def teacher_topk(model, encoder_states: torch.Tensor, layouts: list[tuple[list[int], list[int]]],
-                 k: int, temperature: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Top-K next-token log-probs of softmax(logits / temperature) at each labelled position of each
-    (decoder_input_ids, labels) layout, teacher-forced on precomputed encoder states: (ids int32 [P, K],
-    log-probs fp16 [P, K]) per layout."""
+def teacher_targets(model, encoder_states: torch.Tensor, layouts: list[tuple[list[int], list[int]]],
+                    opts: PseudoLabelOptions) -> list[dict[str, torch.Tensor]]:
+    """The teacher's targets at each labelled position of each (decoder_input_ids, labels) layout, teacher-forced
+    on precomputed encoder states: "ids" int32 [P, K] and "logprobs" fp16 [P, K] (top-K of softmax(logits / T))
+    with `top_k`, "states" fp16 [P, d] (final decoder states, before the output projection) with `teacher_states`."""
     width = max(len(d) for d, _ in layouts)
     ids = torch.full((len(layouts), width), model.generation_config.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, (d, _) in enumerate(layouts):
         ids[i, :len(d)] = torch.tensor(d)
         mask[i, :len(d)] = 1
-    logits = model(encoder_outputs=(encoder_states.to(model.dtype),), decoder_input_ids=ids.to(model.device),
-                   decoder_attention_mask=mask.to(model.device)).logits
+    hidden = model.model.decoder(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                 encoder_hidden_states=encoder_states.to(model.dtype)).last_hidden_state
     out = []
     for i, (_, labels) in enumerate(layouts):
         positions = [j for j, label in enumerate(labels) if label != IGNORE_INDEX]
-        values, top = torch.log_softmax(logits[i, positions].float() / temperature, dim=-1).topk(k, dim=-1)
-        out.append((top.to(torch.int32).cpu().contiguous(), values.to(torch.float16).cpu().contiguous()))
+        targets = {}
+        if opts.top_k:
+            logits = model.proj_out(hidden[i, positions]).float()
+            values, top = torch.log_softmax(logits / opts.temperature, dim=-1).topk(opts.top_k, dim=-1)
+            targets["ids"], targets["logprobs"] = top.to(torch.int32), values.to(torch.float16)
+        if opts.teacher_states:
+            targets["states"] = hidden[i, positions].to(torch.float16)
+        out.append({k: v.cpu().contiguous() for k, v in targets.items()})
     return out
 
 
 def label_batch(engine: HfEngine, processor, samples: list[Sample],
-                opts: PseudoLabelOptions) -> list[tuple[dict, Sample, tuple | None]]:
-    """Transcribe a batch (clips of one language decoded together), filter, and score top-K for the kept ones."""
+                opts: PseudoLabelOptions) -> list[tuple[dict, Sample, dict | None]]:
+    """Transcribe a batch (clips of one language decoded together), filter, and store the teacher's targets for
+    the kept ones."""
     out = []
     for language, group in groupby(sorted(samples, key=lambda s: s.language), key=lambda s: s.language):
         group = list(group)
@@ -129,15 +140,14 @@ def label_batch(engine: HfEngine, processor, samples: list[Sample],
             records.append({"source_id": sample.id, "file_name": name, "kept": reason is None, "reason": reason,
                             "transcription": sample.text, "pseudo_label": text, "pseudo_wer": wer,
                             "language": language})
-        topk: list[tuple | None] = [None] * len(group)
+        targets: list[dict | None] = [None] * len(group)
         kept = [i for i, r in enumerate(records) if r["kept"]]
-        if opts.top_k and kept:
+        if (opts.top_k or opts.teacher_states) and kept:
             layouts = [label_layout(processor.tokenizer, engine.model.generation_config, records[i]["pseudo_label"],
                                     language) for i in kept]
-            scores = teacher_topk(engine.model, states[kept], layouts, opts.top_k, opts.temperature)
-            for i, clip_scores in zip(kept, scores):
-                topk[i] = clip_scores
-        out.extend(zip(records, group, topk))
+            for i, clip_targets in zip(kept, teacher_targets(engine.model, states[kept], layouts, opts)):
+                targets[i] = clip_targets
+        out.extend(zip(records, group, targets))
     return out
 
 
@@ -160,7 +170,7 @@ def place_audio(sample: Sample, dest: Path) -> None:
 
 @dataclass
 class ShardWriter:
-    """One shard's finished clips, made durable together: audio, then the top-K file, then the progress lines
+    """One shard's finished clips, made durable together: audio, then the teacher-target file, then the progress lines
     (a clip counts as finished only once its line is written, so a kill in between redoes it)."""
 
     out: Path
@@ -169,8 +179,8 @@ class ShardWriter:
     pending: list = field(default_factory=list)
     files: int = 0
 
-    def add(self, record: dict, sample: Sample, topk: tuple | None) -> None:
-        self.pending.append((record, sample, topk))
+    def add(self, record: dict, sample: Sample, targets: dict | None) -> None:
+        self.pending.append((record, sample, targets))
 
     def flush(self) -> None:
         if not self.pending:
@@ -179,9 +189,8 @@ class ShardWriter:
             if record["kept"]:
                 place_audio(sample, self.out / record["file_name"])
         tensors = {}
-        for record, _, topk in self.pending:
-            if topk is not None:
-                tensors[f"{record['file_name']}.ids"], tensors[f"{record['file_name']}.logprobs"] = topk
+        for record, _, targets in self.pending:
+            tensors.update({f"{record['file_name']}.{key}": value for key, value in (targets or {}).items()})
         if tensors:
             from safetensors.torch import save_file
 
@@ -190,8 +199,8 @@ class ShardWriter:
             save_file(tensors, path.with_suffix(".part"), metadata={"teacher": self.teacher})
             os.replace(path.with_suffix(".part"), path)
             self.files += 1
-            for record, _, topk in self.pending:
-                if topk is not None:
+            for record, _, targets in self.pending:
+                if targets:
                     record["topk_file"] = name
         with open(self.out / PROGRESS / f"{self.tag}.jsonl", "a", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r, _, _ in self.pending)
@@ -344,7 +353,8 @@ def pseudo_label(teacher: str, data: str, out: Path, opts: PseudoLabelOptions | 
     resolve_model(teacher)  # a bad reference fails here, before any folder is made
     settings = {"teacher": teacher, "data": str(Path(data).resolve()) if Path(data).exists() else data,
                 "wer_threshold": opts.wer_threshold, "top_k": opts.top_k, "max_new_tokens": opts.max_new_tokens,
-                "language": opts.language, "temperature": opts.temperature if opts.top_k else None}
+                "language": opts.language, "temperature": opts.temperature if opts.top_k else None,
+                "teacher_states": opts.teacher_states or None}  # None: a folder made before the option matches
     out = Path(out)
     prepare_out(out, settings)
     ds = open_dataset(DatasetRef.parse(data))
@@ -379,7 +389,8 @@ def pseudo_label(teacher: str, data: str, out: Path, opts: PseudoLabelOptions | 
     dropped = Counter(r["reason"] for r in records if not r["kept"])
     kept_wer = [r["pseudo_wer"] for r in kept if r["pseudo_wer"] is not None]
     summary = {"teacher": teacher, "data": data, "out": str(out), "rows": len(ds), "wer_threshold": opts.wer_threshold,
-               "top_k": opts.top_k, "temperature": opts.temperature if opts.top_k else None, "labelled": len(records), "kept": len(kept),
+               "top_k": opts.top_k, "temperature": opts.temperature if opts.top_k else None,
+               "teacher_states": opts.teacher_states, "labelled": len(records), "kept": len(kept),
                "dropped": dict(dropped.most_common()), "dropped_total": sum(dropped.values()),
                "loader_skipped": dict(stats.counts), "loader_skipped_examples": stats.examples,
                "kept_mean_clip_wer": sum(kept_wer) / len(kept_wer) if kept_wer else None,
@@ -390,20 +401,22 @@ def pseudo_label(teacher: str, data: str, out: Path, opts: PseudoLabelOptions | 
     return summary
 
 
-def load_topk(folder: Path, ids: set[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Cached teacher top-K of the requested clips: id -> (ids int32 [P, K], log-probs fp16 [P, K]), each read
-    from the file its progress record names (a killed run's unreferenced files are never read)."""
+def read_teacher_targets(folder: Path, ids: set[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Cached teacher targets of the requested clips: id -> {"ids", "logprobs", "states"} (those stored), each
+    read from the file its progress record names (a killed run's unreferenced files are never read)."""
     from safetensors import safe_open
 
     by_file: dict[str, list[str]] = {}
     for record in read_records(Path(folder)):
         if record["kept"] and record["file_name"] in ids and record.get("topk_file"):
             by_file.setdefault(record["topk_file"], []).append(record["file_name"])
-    found = {}
+    found: dict[str, dict[str, torch.Tensor]] = {}
     for name, clips in sorted(by_file.items()):
         with safe_open(Path(folder) / TOPK / name, framework="pt") as f:
+            keys = set(f.keys())
             for clip in clips:
-                found[clip] = (f.get_tensor(f"{clip}.ids"), f.get_tensor(f"{clip}.logprobs"))
+                found[clip] = {kind: f.get_tensor(f"{clip}.{kind}") for kind in ("ids", "logprobs", "states")
+                               if f"{clip}.{kind}" in keys}
     return found
 
 
