@@ -75,7 +75,9 @@ class ObjectiveConfig:
     alpha_kl: float = 0.8
     alpha_ce: float = 1.0
     temperature: float = 2.0
-    teacher_cache: bool = False  # KD from the top-K log-probs stored by `asr pseudo-label --top-k` (no teacher loaded)
+    # KD from the teacher's targets stored by `asr pseudo-label` (no teacher loaded): "states" (exact), "top_k"
+    # (approximate), or true = the states where stored, else the top-K
+    teacher_cache: bool | Literal["states", "top_k"] = False
 
 
 @dataclass

@@ -64,14 +64,21 @@ def resolve_data(recipe: Recipe) -> Recipe:
     if not evals:
         raise AsrError("data.eval is empty: name an audiofolder or hub dataset, or set data.synth_eval")
     if data.streaming and recipe.objective.teacher_cache:
-        raise AsrError("objective.teacher_cache reads every clip's top-K into memory; use data.streaming=false "
+        raise AsrError("objective.teacher_cache reads every clip's teacher targets into memory; use data.streaming=false "
                        "with it, or the live teacher (objective.teacher_cache=false)")
     labels = data.labels
     if data.pseudo_label is not None:
-        if recipe.objective.teacher_cache and not (data.pseudo_label.top_k or data.pseudo_label.teacher_states):
-            raise AsrError("objective.teacher_cache needs cached teacher targets: set data.pseudo_label.teacher_states"
-                           "=true (exact) or data.pseudo_label.top_k (e.g. 32; approximate, smaller)")
+        spec, cache = data.pseudo_label, recipe.objective.teacher_cache
+        if (cache == "states" and not spec.teacher_states) or (cache == "top_k" and not spec.top_k) or \
+                (cache is True and not (spec.top_k or spec.teacher_states)):
+            raise AsrError(f"objective.teacher_cache={cache} needs those teacher targets stored: set "
+                           "data.pseudo_label.teacher_states=true (exact) or data.pseudo_label.top_k (e.g. 32; "
+                           "approximate, smaller)")
         train, labels = [pseudo_labelled(recipe, t) for t in train], "pseudo"
+    if recipe.objective.method == "kd" and recipe.objective.teacher_cache and labels != "pseudo":
+        raise AsrError("objective.teacher_cache: cached teacher targets belong to pseudo-labels; set "
+                       "data.pseudo_label (e.g. {teacher_states: true}), or data.labels=pseudo on folders made by "
+                       "`asr pseudo-label`")
     return dataclasses.replace(recipe, data=dataclasses.replace(data, train=train, eval=evals, labels=labels,
                                                                 synth_train=None, synth_eval=None, pseudo_label=None))
 

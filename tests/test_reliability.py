@@ -345,13 +345,18 @@ def test_out_of_range_audio_is_skipped_and_counted(tmp_path, speech_folder):
     ({"data": {"train": ["/no/such/folder"]}}, [], "data.train[0]: /no/such/folder: no such directory"),
     ({"data": {"train": ["LATIN1"]}}, [], "data.train[0]: LATIN1/metadata.csv: line 3 is not UTF-8 (byte 0xe9); "
                                           "re-save it as UTF-8"),
-], ids=["unknown-key", "wrong-type", "wrong-type-override", "unknown-teacher", "missing-data", "non-utf8-metadata"])
+    ({"objective": {"method": "kd", "teacher_cache": True}}, [],
+     "objective.teacher_cache: cached teacher targets belong to pseudo-labels; set data.pseudo_label"),
+    ({"objective": {"method": "kd", "teacher_cache": "states"}}, ["data.pseudo_label.top_k=4"],
+     "objective.teacher_cache=states needs those teacher targets stored: set data.pseudo_label.teacher_states=true"),
+], ids=["unknown-key", "wrong-type", "wrong-type-override", "unknown-teacher", "missing-data", "non-utf8-metadata",
+        "cache-without-pseudo-labels", "cache-of-targets-not-stored"])
 def test_configuration_errors_stop_before_any_work(tmp_path, micro_teacher, speech_folder, latin1_folder, edit,
                                                    overrides, message):
     recipe = fast_recipe(tmp_path / "recipe.yaml", micro_teacher, speech_folder, speech_folder)
     data = yaml.safe_load(recipe.read_text())
     for key, value in edit.items():
-        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     recipe.write_text(yaml.safe_dump(data).replace("LATIN1", str(latin1_folder)))
     proc = asr("run", str(recipe), *overrides, cwd=tmp_path)  # no --run-dir: it would be created under ./runs
     assert_cli_error(proc, message.replace("LATIN1", str(latin1_folder)))

@@ -98,10 +98,11 @@ class TrainBatches:
         return batch
 
 
-def load_teacher_targets(examples: Sequence[Encoded], datasets: Sequence[str], teacher: str,
-                         temperature: float) -> list[dict[str, torch.Tensor]]:
-    """The cached teacher targets of every example (same order) from `asr pseudo-label` folders: the final
-    decoder states where every folder has them (exact), else the top-K made at the objective's `temperature`."""
+def load_teacher_targets(examples: Sequence[Encoded], datasets: Sequence[str], teacher: str, temperature: float,
+                         kind: bool | str = True) -> list[dict[str, torch.Tensor]]:
+    """The cached teacher targets of every example (same order) from `asr pseudo-label` folders: `kind` "states"
+    (final decoder states, exact), "top_k" (made at the objective's `temperature`), or True: the states where
+    every folder has them, else the top-K."""
     settings = {ref: settings_of(Path(ref)) or {} for ref in datasets}
     for ref, made in settings.items():
         if not made.get("top_k") and not made.get("teacher_states"):
@@ -111,7 +112,12 @@ def load_teacher_targets(examples: Sequence[Encoded], datasets: Sequence[str], t
         if made["teacher"] != teacher:
             raise AsrError(f"{ref}: its targets came from teacher {made['teacher']} but the recipe's teacher is "
                            f"{teacher}; set teacher: {made['teacher']} or re-run `asr pseudo-label` with {teacher}")
-    use_states = all(made.get("teacher_states") for made in settings.values())
+    use_states = kind == "states" or (kind is True and all(made.get("teacher_states") for made in settings.values()))
+    for ref, made in settings.items():
+        if not made.get("teacher_states" if use_states else "top_k"):
+            flag = "--teacher-states" if use_states else "--top-k 32"
+            raise AsrError(f"{ref}: no cached teacher {'states' if use_states else 'top-K'}; re-run `asr pseudo-label "
+                           f"... {flag}` into a new --out, or set objective.teacher_cache to what the folder holds")
     for ref, made in settings.items():
         if not use_states and made.get("temperature") != temperature:
             was = (f"at temperature {made['temperature']}" if made.get("temperature") is not None

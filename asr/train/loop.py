@@ -120,7 +120,8 @@ class Trainer:
                 e.input_features = e.input_features[:, :0]  # features are no longer needed: free the memory
         targets = None
         if teacher_cache:
-            targets = load_teacher_targets(examples, r.data.train, r.teacher, r.objective.temperature)
+            targets = load_teacher_targets(examples, r.data.train, r.teacher, r.objective.temperature,
+                                           r.objective.teacher_cache)
             if self.dist.is_main:
                 what = ("final decoder states (exact)" if "states" in targets[0]
                         else f"top-K (k={targets[0]['ids'].shape[1]})")

@@ -62,12 +62,11 @@ def kd_loss_topk(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logp
                  alpha_ce: float = 1.0) -> dict[str, torch.Tensor]:
     """Distillation from the cached teacher top-K (no teacher forward): {'loss', 'kl', 'ce'}.
 
-    Approximation: KL over the teacher's K ids plus one "rest" outcome (`kl_topk_and_rest`). The top-K must be
-    stored at the training temperature (`asr pseudo-label --temperature`): at T=2 Whisper's top 32 tokens hold
-    only ~20% of the tempered mass, so the tail cannot be dropped. Renormalizing over the K ids instead (the
-    first design) gave a KL gradient 3-6x too large and 0.82 cosine to the full-vocabulary one on whisper-base,
-    and 58 points worse WER in quickstart; with the rest outcome the gradient's cosine is 0.998 (norm ratio
-    0.998). See README "Cached teacher top-K".
+    Approximation: KL over the teacher's K ids plus one "rest" outcome (`kl_topk_and_rest`), with the top-K stored
+    at the training temperature. At T=2 Whisper's top 32 tokens hold only ~20% of the tempered mass, so how the
+    student spreads the rest is left free, and a student trained this way drifts to where the full KL still has
+    large gradients the top-K loss cannot see. For KD equal to the live teacher's, cache the teacher's final
+    decoder states instead (`asr pseudo-label --teacher-states`). Measured effect: README "Cached teacher targets".
     student_logits [B, T, V]; topk_ids, topk_logprobs [B, T, K] (teacher log-probs at T); labels [B, T].
     """
     kl = kl_topk_and_rest(student_logits, topk_ids, topk_logprobs, labels, temperature)

@@ -2,7 +2,8 @@
 
 - separate: teacher and student each run their own encoder on the log-mel features every step;
 - shared: the frozen encoder runs once per batch and its states feed both decoders;
-- cached: encoder states cached once per clip, and the teacher replaced by its cached top-K log-probs.
+- cached: encoder states cached once per clip, and the teacher replaced by its cached top-K log-probs;
+- states: the same, with the teacher's cached final decoder states (exact KD: one output projection per step).
 
 All three train on the same pseudo-labelled clips (made once with the recipe's teacher and top-K), through the
 real `Trainer.train_step`, at each process count: warm-up steps, then timed steps between barriers.
@@ -24,7 +25,7 @@ import yaml
 from asr.config import Recipe, recipe_to_dict
 from asr.errors import AsrError
 
-MODES = ("separate", "shared", "cached")
+MODES = ("separate", "shared", "cached", "states")
 RESULT = "throughput.json"
 
 
@@ -33,9 +34,10 @@ def mode_recipe(recipe: Recipe, mode: str, data_dir: str, nproc: int, total_step
     r = dataclasses.replace
     return r(recipe,
              data=r(recipe.data, train=[data_dir], labels="pseudo", train_limit=None),
-             objective=r(recipe.objective, method="kd", teacher_cache=mode == "cached"),
+             objective=r(recipe.objective, method="kd",
+                         teacher_cache={"cached": "top_k", "states": "states"}.get(mode, False)),
              train=r(recipe.train, max_steps=total_steps, nproc=nproc, freeze_encoder=True,
-                     share_encoder=mode != "separate", cache_encoder=mode == "cached", save_every=10**9,
+                     share_encoder=mode != "separate", cache_encoder=mode in ("cached", "states"), save_every=10**9,
                      log_every=10**9),
              eval=r(recipe.eval, limit=1), tracking=r(recipe.tracking, wandb=False))
 
@@ -73,12 +75,13 @@ def measure(run_dir: Path, warmup: int, steps: int) -> dict | None:
 
 
 def pseudo_labelled_data(recipe: Recipe, out: Path, top_k: int, clips: int) -> str:
-    """The first `clips` clips of the recipe's first training set, pseudo-labelled with top-K (made once)."""
+    """The first `clips` clips of the recipe's first training set, pseudo-labelled with top-K and final states
+    (made once)."""
     from asr.train.pseudo_label import PseudoLabelOptions, pseudo_label
 
     folder = out / "pseudo-labelled"
     summary = pseudo_label(recipe.teacher, recipe.data.train[0], folder,
-                           PseudoLabelOptions(wer_threshold=100.0, top_k=top_k, limit=clips,
+                           PseudoLabelOptions(wer_threshold=100.0, top_k=top_k, teacher_states=True, limit=clips,
                                               language=recipe.data.language,
                                               temperature=recipe.objective.temperature))
     if summary["kept"] == 0:
@@ -125,8 +128,11 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['mode']} | {r['processes']} | {r['steps_per_s']:.3f} | {r['samples_per_s']:.2f} | "
                      f"{r['speedup_vs_separate']:.2f}x |")
-    ratios = [f"{r['processes']} process(es) {r['speedup_vs_separate']:.2f}x" for r in rows if r["mode"] == "cached"]
-    return "\n".join(lines) + "\ncached (c) / separate (a) samples/s: " + ", ".join(ratios)
+    def ratios(mode: str) -> str:
+        return ", ".join(f"{r['processes']} process(es) {r['speedup_vs_separate']:.2f}x" for r in rows if r["mode"] == mode)
+
+    return "\n".join(lines) + (f"\ncached top-K (c) / separate (a) samples/s: {ratios('cached')}"
+                               f"\ncached states (exact) / separate (a) samples/s: {ratios('states')}")
 
 
 def main() -> None:
