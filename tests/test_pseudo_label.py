@@ -187,6 +187,12 @@ def test_training_prefers_the_exact_states_and_checks_the_topk_temperature(label
     with pytest.raises(AsrError, match=r"stored at temperature 2.0 but objective.temperature is 1.0; re-run "
                                        r"`asr pseudo-label --top-k 4 --temperature 1.0`"):
         load_teacher_targets([example], [str(topk_only)], TEACHER, temperature=1.0)
+    with pytest.raises(AsrError, match=r"no cached teacher states; make the folder with `asr pseudo-label "
+                                       r".* --teacher-states`"):
+        load_teacher_targets([example], [str(topk_only)], TEACHER, temperature=2.0, kind="states")
+    with pytest.raises(AsrError, match=r"its targets came from teacher whisper-tiny.en but the recipe's teacher is "
+                                       r"whisper-base; set teacher: whisper-tiny.en"):
+        load_teacher_targets([example], [str(out)], "whisper-base", temperature=2.0)
 
 
 def test_drop_reasons_on_constructed_outputs():

@@ -104,21 +104,16 @@ def load_teacher_targets(examples: Sequence[Encoded], datasets: Sequence[str], t
     (final decoder states, exact), "top_k" (made at the objective's `temperature`), or True: the states where
     every folder has them, else the top-K."""
     settings = {ref: settings_of(Path(ref)) or {} for ref in datasets}
-    for ref, made in settings.items():
-        if not made.get("top_k") and not made.get("teacher_states"):
-            raise AsrError(f"{ref}: no cached teacher targets; make the folder with `asr pseudo-label --teacher "
-                           f"{teacher} --data SOURCE --out DIR --teacher-states` (or --top-k 32), or set "
-                           "objective.teacher_cache=false")
-        if made["teacher"] != teacher:
-            raise AsrError(f"{ref}: its targets came from teacher {made['teacher']} but the recipe's teacher is "
-                           f"{teacher}; set teacher: {made['teacher']} or re-run `asr pseudo-label` with {teacher}")
     use_states = kind == "states" or (kind is True and all(made.get("teacher_states") for made in settings.values()))
     for ref, made in settings.items():
         if not made.get("teacher_states" if use_states else "top_k"):
-            flag = "--teacher-states" if use_states else "--top-k 32"
-            raise AsrError(f"{ref}: no cached teacher {'states' if use_states else 'top-K'}; re-run `asr pseudo-label "
-                           f"... {flag}` into a new --out, or set objective.teacher_cache to what the folder holds")
-    for ref, made in settings.items():
+            raise AsrError(f"{ref}: no cached teacher {'states' if use_states else 'top-K'}; make the folder with "
+                           f"`asr pseudo-label --teacher {teacher} --data SOURCE --out DIR "
+                           f"{'--teacher-states' if use_states else '--top-k 32'}`, or set objective.teacher_cache "
+                           "to what the folder holds (false: the live teacher)")
+        if made["teacher"] != teacher:
+            raise AsrError(f"{ref}: its targets came from teacher {made['teacher']} but the recipe's teacher is "
+                           f"{teacher}; set teacher: {made['teacher']} or re-run `asr pseudo-label` with {teacher}")
         if not use_states and made.get("temperature") != temperature:
             was = (f"at temperature {made['temperature']}" if made.get("temperature") is not None
                    else "by an older asr-distill, without the mass outside the top K")
