@@ -64,8 +64,8 @@ def resolve_data(recipe: Recipe) -> Recipe:
     if not evals:
         raise AsrError("data.eval is empty: name an audiofolder or hub dataset, or set data.synth_eval")
     if data.streaming and recipe.objective.teacher_cache:
-        raise AsrError("objective.teacher_cache reads every clip's teacher targets into memory; use data.streaming=false "
-                       "with it, or the live teacher (objective.teacher_cache=false)")
+        raise AsrError("objective.teacher_cache reads every clip's teacher targets into memory; use "
+                       "data.streaming=false with it, or the live teacher (objective.teacher_cache=false)")
     labels = data.labels
     if data.pseudo_label is not None:
         spec, cache = data.pseudo_label, recipe.objective.teacher_cache

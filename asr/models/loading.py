@@ -37,12 +37,24 @@ def load_whisper(ref: str, dtype: torch.dtype = torch.float32):
     return model.eval()
 
 
-def read_weights(model_dir: Path, names: list[str]) -> dict[str, torch.Tensor]:
-    """Named tensors (fp32) of a saved HF model (single or sharded safetensors), read without building it."""
+def weight_files(model_dir: Path) -> dict[str, str]:
+    """Tensor name -> safetensors file of a saved HF model (single file or sharded with an index)."""
     from safetensors import safe_open
 
     index = model_dir / "model.safetensors.index.json"
-    files = json.loads(index.read_text())["weight_map"] if index.is_file() else {n: "model.safetensors" for n in names}
+    if index.is_file():
+        return json.loads(index.read_text())["weight_map"]
+    if not (model_dir / "model.safetensors").is_file():
+        raise AsrError(f"{model_dir}: no safetensors weights; re-save the model with save_pretrained")
+    with safe_open(model_dir / "model.safetensors", framework="pt") as f:
+        return {name: "model.safetensors" for name in f.keys()}
+
+
+def read_weights(model_dir: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Named tensors (fp32) of a saved HF model, read without building it."""
+    from safetensors import safe_open
+
+    files = weight_files(model_dir)
     out = {}
     for file in sorted({files[n] for n in names}):
         with safe_open(model_dir / file, framework="pt") as f:
@@ -58,17 +70,7 @@ def output_embedding(ref: str) -> torch.Tensor:
         from huggingface_hub import snapshot_download
 
         model_dir = Path(snapshot_download(str(model_dir), allow_patterns=["*.safetensors", "*.json"]))
-    index = model_dir / "model.safetensors.index.json"
-    if not index.is_file() and not (model_dir / "model.safetensors").is_file():
-        raise AsrError(f"{ref}: no safetensors weights in {model_dir}; re-save the model with save_pretrained")
-    if index.is_file():
-        names = set(json.loads(index.read_text())["weight_map"])
-    else:
-        from safetensors import safe_open
-
-        with safe_open(model_dir / "model.safetensors", framework="pt") as f:
-            names = set(f.keys())
-    name = "proj_out.weight" if "proj_out.weight" in names else "model.decoder.embed_tokens.weight"
+    name = "proj_out.weight" if "proj_out.weight" in weight_files(model_dir) else "model.decoder.embed_tokens.weight"
     return read_weights(model_dir, [name])[name]
 
 

@@ -46,7 +46,8 @@ from asr.models.registry import resolve_model
 SETTINGS = "pseudo-label.json"  # how the folder was made; a resumed run must use the same settings
 SUMMARY = "summary.json"
 PROGRESS = "progress"  # <run>-r<rank>.jsonl: one line per finished clip, kept or dropped
-TOPK = "topk"  # <run>-r<rank>-<n>.safetensors: "<file>.ids" int32 [P, K], "<file>.logprobs" fp16 [P, K], "<file>.states" fp16 [P, d]
+TOPK = "topk"  # <run>-r<rank>-<n>.safetensors: "<file>.ids" int32 [P, K], "<file>.logprobs" fp16 [P, K],
+#               "<file>.states" fp16 [P, d]
 COLUMNS = ("file_name", "transcription", "pseudo_label", "pseudo_wer", "language")
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".webm", ".aac"}
 
@@ -353,7 +354,7 @@ def pseudo_label(teacher: str, data: str, out: Path, opts: PseudoLabelOptions | 
     resolve_model(teacher)  # a bad reference fails here, before any folder is made
     settings = {"teacher": teacher, "data": str(Path(data).resolve()) if Path(data).exists() else data,
                 "wer_threshold": opts.wer_threshold, "top_k": opts.top_k, "max_new_tokens": opts.max_new_tokens,
-                "language": opts.language, "temperature": opts.temperature if opts.top_k else None,
+                "language": opts.language, "temperature": opts.temperature if opts.top_k else None,  # of the top-K
                 "teacher_states": opts.teacher_states or None}  # None: a folder made before the option matches
     out = Path(out)
     prepare_out(out, settings)
@@ -389,7 +390,7 @@ def pseudo_label(teacher: str, data: str, out: Path, opts: PseudoLabelOptions | 
     dropped = Counter(r["reason"] for r in records if not r["kept"])
     kept_wer = [r["pseudo_wer"] for r in kept if r["pseudo_wer"] is not None]
     summary = {"teacher": teacher, "data": data, "out": str(out), "rows": len(ds), "wer_threshold": opts.wer_threshold,
-               "top_k": opts.top_k, "temperature": opts.temperature if opts.top_k else None,
+               "top_k": opts.top_k, "temperature": settings["temperature"],
                "teacher_states": opts.teacher_states, "labelled": len(records), "kept": len(kept),
                "dropped": dict(dropped.most_common()), "dropped_total": sum(dropped.values()),
                "loader_skipped": dict(stats.counts), "loader_skipped_examples": stats.examples,

@@ -129,7 +129,8 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"| {r['mode']} | {r['processes']} | {r['steps_per_s']:.3f} | {r['samples_per_s']:.2f} | "
                      f"{r['speedup_vs_separate']:.2f}x |")
     def ratios(mode: str) -> str:
-        return ", ".join(f"{r['processes']} process(es) {r['speedup_vs_separate']:.2f}x" for r in rows if r["mode"] == mode)
+        return ", ".join(f"{r['processes']} process(es) {r['speedup_vs_separate']:.2f}x"
+                         for r in rows if r["mode"] == mode)
 
     return "\n".join(lines) + (f"\ncached top-K (c) / separate (a) samples/s: {ratios('cached')}"
                                f"\ncached states (exact) / separate (a) samples/s: {ratios('states')}")
