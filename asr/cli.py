@@ -39,7 +39,7 @@ def _data_synth(args: argparse.Namespace) -> None:
 
 
 def _pseudo_label(args: argparse.Namespace) -> None:
-    from asr.train.pseudo_label import PseudoLabelOptions, pseudo_label, summary_line
+    from asr.label.pseudo_label import PseudoLabelOptions, pseudo_label, summary_line
 
     opts = PseudoLabelOptions(wer_threshold=args.wer_threshold, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
                               language=args.language, nproc=args.nproc, batch_size=args.batch_size, limit=args.limit,
@@ -51,10 +51,10 @@ def _bench_train(args: argparse.Namespace) -> None:
     from asr.config import load_recipe
     from asr.pipeline import prune_student, resolve_data
     from asr.recipes import recipe_path
-    from asr.train.throughput import bench_train, format_table
+    from asr.train.throughput_bench import bench_train, format_table, labelled_recipe
 
     out = Path(args.out)
-    recipe = resolve_data(load_recipe(recipe_path(args.recipe), args.overrides))
+    recipe = resolve_data(labelled_recipe(load_recipe(recipe_path(args.recipe), args.overrides), args.top_k, args.clips))
     prune_student(recipe, out)
     rows = bench_train(recipe, out / "student", out, steps=args.steps, warmup=args.warmup,
                        nprocs=[int(n) for n in args.nproc.split(",")], top_k=args.top_k, clips=args.clips)
@@ -81,7 +81,7 @@ def _prune(args: argparse.Namespace) -> None:
 
     keep, scores = _layers(args.keep), None
     if args.strategy == "importance" and keep is None:
-        from asr.train.importance import select_by_importance
+        from asr.train.layer_importance import select_by_importance
 
         if not args.calibration:
             raise AsrError("--strategy importance needs --calibration DATASET")
@@ -129,8 +129,8 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _submit(args: argparse.Namespace) -> None:
-    from asr.launch.render import Resources, plan_submission, render
-    from asr.launch.submit import dry_run, submit, summary
+    from asr.slurm.render import Resources, plan_submission, render
+    from asr.slurm.submit import dry_run, submit, summary
     from asr.recipes import recipe_path
 
     resources = Resources(nodes=args.nodes, gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_node,

@@ -37,7 +37,7 @@ def synth_dataset(spec: SynthConfig) -> str:
 def pseudo_labelled(recipe: Recipe, data: str) -> str:
     """Label one training set with the teacher (once: cached, and resumed if stopped); returns the folder."""
     from asr.data.loading import DatasetRef
-    from asr.train.pseudo_label import PseudoLabelOptions, pseudo_label, summary_line
+    from asr.label.pseudo_label import PseudoLabelOptions, pseudo_label, summary_line
 
     spec, d = recipe.data.pseudo_label, recipe.data
     source = str(Path(data).resolve()) if Path(data).exists() else data
@@ -162,7 +162,7 @@ def prune_student(recipe: Recipe, run_dir: Path) -> None:
     p = recipe.prune
     keep, scores = p.keep, None
     if keep is None and p.strategy == "importance":
-        from asr.train.importance import select_by_importance
+        from asr.train.layer_importance import select_by_importance
 
         if p.calibration is None:
             raise AsrError("prune.strategy importance needs prune.calibration (a dataset)")
@@ -179,8 +179,8 @@ STAGES = ("all", "prepare", "train", "report")
 def run_pipeline(recipe_path: Path, overrides: list[str], run_dir: Path | None, nproc: int | None,
                  stage: str = "all") -> Path:
     """The whole pipeline, or one stage of it (Slurm runs them as dependent jobs); finished work is skipped."""
-    from asr.report import write_report
-    from asr.train.launch import launch_training
+    from asr.run_report import write_report
+    from asr.train.torchrun import launch_training
     from asr.train.loop import PREEMPTED
 
     recipe, run_dir = prepare_run(recipe_path, overrides, run_dir)

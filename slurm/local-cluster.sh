@@ -10,7 +10,8 @@
 # Needs root (daemons run as root, /etc/hosts gets "127.0.0.1 n1 n2") and the packages above; it installs
 # nothing. Everything else lives under $ASR_SLURM_BASE (default /tmp/asr-slurm): etc/ state/ spool/ log/
 # munge/. Ports: $ASR_SLURM_PORT (default 16817) for slurmctld, +1..+N for the slurmds.
-# Why each setting is what it is: shared/reference/slurm-local.md (no systemd, no cgroups, no mail, no sacct).
+# Why each setting is what it is: the comment above it in the slurm.conf written below (no systemd, no cgroups,
+# no mail, no sacct: job end states go to a completion log instead).
 set -euo pipefail
 
 BASE=${ASR_SLURM_BASE:-/tmp/asr-slurm}

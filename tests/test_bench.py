@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from asr.bench.physics import predicted_decoder_ratio
-from asr.bench.repetition import has_loop, is_hallucination, repetition_rate
-from asr.bench.wer import error_rates, normalize
+from asr.infer.repetition import has_loop, is_hallucination, repetition_rate
+from asr.infer.wer import error_rates, normalize
 from asr.models.loading import load_whisper
 
 LATENCY_KEYS = {"encoder_ms_p50", "decoder_ms_per_token_p50", "total_ms_p50", "total_ms_p95", "rtfx", "peak_rss_mb"}

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from asr.bench.ct2_engine import Ct2Engine, ct2_max_length
-from asr.bench.engines import HfEngine
-from asr.bench.transcribe import text_of
-from asr.bench.wer import error_rates, normalize
+from asr.infer.ct2_engine import Ct2Engine, ct2_max_length
+from asr.infer.engines import HfEngine
+from asr.infer.transcribe import text_of
+from asr.infer.wer import error_rates, normalize
 from asr.cli import main
 from asr.data.features import log_mel
 from asr.data.loading import decode_audio

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from asr.train.objectives import (IGNORE_INDEX, ce_loss, kd_loss, kd_loss_topk, kl_teacher_student,
+from asr.data.features import IGNORE_INDEX
+from asr.train.objectives import (ce_loss, kd_loss, kd_loss_topk, kl_teacher_student,
                                   turbo_lr_factor)
 
 

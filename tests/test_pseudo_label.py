@@ -20,12 +20,13 @@ import yaml
 
 from conftest import write_metadata
 
-from asr.bench.engines import Decoded
+from asr.infer.engines import Decoded
 from asr.cli import main as asr_main
 from asr.data.features import label_layout, log_mel
 from asr.data.loading import DatasetRef, SkipStats, iter_samples, open_dataset
 from asr.train.objectives import kd_loss, kd_loss_topk
-from asr.train.pseudo_label import PROGRESS, drop_reason, read_teacher_targets
+from asr.label.pseudo_label import drop_reason
+from asr.label.targets import PROGRESS, read_teacher_targets
 
 TEACHER = "whisper-tiny.en"
 MISLABELLED = "Seven green tables are floating above the quiet harbour."
@@ -211,7 +212,7 @@ def test_loop_and_uppercase_outputs_are_counted_in_the_summary(monkeypatch, tmp_
     # No clip we can synthesize makes tiny.en loop or shout on demand (and a random micro teacher just runs to
     # the token cap), so the teacher's decoded tokens are replaced; everything else (audio, encoder, filters,
     # folder, summary) is the real path.
-    from asr.bench.engines import HfEngine
+    from asr.infer.engines import HfEngine
     from asr.models.loading import load_processor
 
     tokenizer = load_processor(TEACHER).tokenizer

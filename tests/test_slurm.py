@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from asr.launch.render import Resources, plan_submission, render, set_directives, split_values, sweep_points
+from asr.slurm.render import Resources, plan_submission, render, set_directives, split_values, sweep_points
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "slurm" / "local-cluster.sh"

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 
-from asr.bench.engines import HfEngine
+from asr.infer.engines import HfEngine
 from asr.bench.speculative import speculative_check
 from asr.bench.streaming import buffer_ends, simulate_streaming
 from asr.data.loading import SAMPLE_RATE, Sample, decode_audio

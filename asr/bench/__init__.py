@@ -1,1 +1,1 @@
-"""Word/character error rates, latency, streaming simulation, reports and plots."""
+"""Latency, streaming simulation, speculative decoding, bench tables and plots (decoding itself lives in asr.infer)."""

@@ -13,7 +13,7 @@ import numpy as np
 import psutil
 import torch
 
-from asr.bench.engines import Engine, HfEngine
+from asr.infer.engines import Engine, HfEngine
 from asr.data.features import log_mel
 from asr.data.loading import SAMPLE_RATE, Sample
 from asr.models.loading import synchronize

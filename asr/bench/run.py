@@ -14,13 +14,13 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from asr.bench.engines import HfEngine, MemoizedEncoder
+from asr.infer.engines import HfEngine, MemoizedEncoder
 from asr.bench.latency import measure_latency
 from asr.bench.physics import decoder_weights_per_token
-from asr.bench.repetition import repetition_rate
-from asr.bench.report import log_to_wandb, markdown_table, plot_wer_vs_latency
-from asr.bench.transcribe import transcribe
-from asr.bench.wer import error_rates, normalize
+from asr.infer.repetition import repetition_rate
+from asr.bench.outputs import log_to_wandb, markdown_table, plot_wer_vs_latency
+from asr.infer.transcribe import transcribe
+from asr.infer.wer import error_rates, normalize
 from asr.data.loading import DatasetRef, SkipStats, iter_samples, open_dataset
 from asr.errors import AsrError
 from asr.models.loading import load_processor, load_whisper, weights_fingerprint
@@ -64,7 +64,7 @@ def load_engine(ref: str, engine: str):
     A CTranslate2 directory made by `asr export` is benchmarked as is; its HF source supplies the size figures.
     """
     if engine == "ct2":
-        from asr.bench.ct2_engine import Ct2Engine
+        from asr.infer.ct2_engine import Ct2Engine
         from asr.models.export import EXPORT_STAMP
 
         stamp = Path(ref) / EXPORT_STAMP

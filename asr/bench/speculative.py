@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from asr.bench.engines import HfEngine
+from asr.infer.engines import HfEngine
 from asr.data.features import log_mel
 from asr.data.loading import Sample
 from asr.errors import AsrError

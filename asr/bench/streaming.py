@@ -13,9 +13,9 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from asr.bench.engines import Engine
-from asr.bench.transcribe import text_of, transcribe
-from asr.bench.wer import error_rates, normalize
+from asr.infer.engines import Engine
+from asr.infer.transcribe import text_of, transcribe
+from asr.infer.wer import error_rates, normalize
 from asr.data.features import log_mel
 from asr.data.loading import SAMPLE_RATE, Sample
 from asr.errors import AsrError

@@ -14,7 +14,7 @@ import torch
 from asr.data.loading import SAMPLE_RATE, Sample
 from asr.models.loading import prompt_ids
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label of positions every loss skips (PyTorch's cross-entropy default)
 
 
 @dataclass

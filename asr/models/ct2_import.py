@@ -1,6 +1,6 @@
 """Convert a CTranslate2 Whisper model directory into a Hugging Face `save_pretrained` directory.
 
-Traps handled (see shared/reference/whisper-weights-offline.md): fused QKV / KV split by rows, zero key bias
+Traps handled (each checked in tests/test_models.py): fused QKV / KV split by rows, zero key bias
 dropped (HF k_proj has none; a constant key bias cancels in softmax anyway), the tied output projection stored
 as an alias, old tokenizer.json files missing the first BPE merge "Ġ t" and the 1,501 timestamp tokens,
 tiny.en's shifted `lang_ids` (ignored), head counts read from the file.

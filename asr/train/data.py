@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from asr.data.features import IGNORE_INDEX, Encoded, WhisperCollator, encode_sample
 from asr.data.loading import DatasetRef, Sample, SkipStats, iter_samples, open_dataset
-from asr.train.pseudo_label import read_teacher_targets, settings_of
+from asr.label.targets import read_teacher_targets, settings_of
 from asr.errors import AsrError
 from asr.models.loading import weights_fingerprint
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from asr.bench.engines import HfEngine
-from asr.bench.report import log_to_wandb, markdown_table, plot_wer_vs_latency
+from asr.infer.engines import HfEngine
+from asr.bench.outputs import log_to_wandb, markdown_table, plot_wer_vs_latency
 from asr.bench.run import BenchOptions, add_ratios, bench_one, interleaved_latency, load_eval_samples
 from asr.config import Recipe
 from asr.models.loading import load_processor, load_whisper, weights_fingerprint

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from asr.config import Recipe, recipe_to_dict
-from asr.data.features import WhisperCollator
+from asr.data.features import IGNORE_INDEX, WhisperCollator
 from asr.data.loading import SkipStats
 from asr.errors import AsrError
 from asr.models.loading import load_processor, load_whisper, output_embedding, same_encoder
@@ -53,21 +53,42 @@ class Trainer:
     dist: Dist = field(init=False)
 
     def __post_init__(self) -> None:
+        """Set-up in the order the data flows: ranks and seeds, models, data, engine, tracking, bench."""
+        self.dist = init_distributed(self.recipe.train.threads_per_proc)
+        self.seed_everything()
+        student = self.load_models()
+        self.stats = SkipStats()
+        self.batches = self.load_data(student)
+        self.place_teacher(student)
+        self.engine = build_engine(student, self.recipe.train, self.recipe.optim)
+        self.ckpt_root = self.run_dir / "checkpoints"
         r = self.recipe
-        self.dist = init_distributed(r.train.threads_per_proc)
-        seed = r.train.seed + self.dist.rank
+        self.tracker = Tracker(self.run_dir, recipe_to_dict(r), r.tracking.project, r.tracking.mode,
+                               r.tracking.wandb and self.dist.is_main, self.run_dir.name)
+        self.bench = CheckpointBench(self.run_dir, r) if self.dist.is_main else None
+
+    @property
+    def teacher_cache(self) -> bool:
+        """KD from the teacher's cached targets instead of a live teacher."""
+        return bool(self.recipe.objective.method == "kd" and self.recipe.objective.teacher_cache)
+
+    def seed_everything(self) -> None:
+        seed = self.recipe.train.seed + self.dist.rank
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
+
+    def load_models(self):
+        """The pruned student (encoder frozen if asked) and, for live KD, the frozen teacher on the CPU."""
+        r = self.recipe
         student_dir = self.run_dir / "student"
         self.processor = load_processor(str(student_dir))
         student = load_whisper(str(student_dir))
         self.teacher = None
-        teacher_cache = r.objective.method == "kd" and r.objective.teacher_cache
-        if teacher_cache and r.data.labels != "pseudo":
+        if self.teacher_cache and r.data.labels != "pseudo":
             raise AsrError("objective.teacher_cache: the cached teacher targets are aligned to the pseudo-labels; "
                            "set data.labels=pseudo")
-        if r.objective.method == "kd" and not teacher_cache:
+        if r.objective.method == "kd" and not self.teacher_cache:
             self.teacher = load_whisper(r.teacher)
             check_compatible(student.config.vocab_size, self.teacher.config.vocab_size, str(student_dir), r.teacher)
             self.teacher.requires_grad_(False)
@@ -75,33 +96,36 @@ class Trainer:
             student.model.encoder.requires_grad_(False)
         self.shared_encoder = r.train.freeze_encoder and r.train.share_encoder and (
             self.teacher is None or same_encoder(student, self.teacher))
-        self.stats = SkipStats()
+        return student
+
+    def load_data(self, student) -> TrainBatches | StreamingBatches:
+        """This rank's batches: streamed as it trains, or its shard encoded up front."""
+        r = self.recipe
         text_column = "pseudo_label" if r.data.labels == "pseudo" else None
         collator = WhisperCollator(student.generation_config.pad_token_id)
         if r.data.streaming:
-            self.batches = StreamingBatches(r.data.train, self.processor, student.generation_config, collator,
-                                            r.train.batch_size, r.train.seed, self.dist.rank, self.dist.world,
-                                            r.data.max_label_tokens, r.data.language, self.stats, text_column,
-                                            r.data.train_limit)
-        else:
-            self.batches = self.in_memory_batches(student, collator, text_column, teacher_cache)
+            return StreamingBatches(r.data.train, self.processor, student.generation_config, collator,
+                                    r.train.batch_size, r.train.seed, self.dist.rank, self.dist.world,
+                                    r.data.max_label_tokens, r.data.language, self.stats, text_column,
+                                    r.data.train_limit)
+        return self.in_memory_batches(student, collator, text_column)
+
+    def place_teacher(self, student) -> None:
+        """The live teacher on the run's device and dtype, or the output projection that turns cached teacher
+        states into logits."""
+        r = self.recipe
         self.bf16 = use_bf16(r.train.bf16)
         dtype = torch.bfloat16 if self.bf16 else torch.float32
         if self.teacher is not None:
             self.teacher.to(self.dist.device, dtype)
-        self.teacher_out = None  # the teacher's output projection, for KD from its cached final decoder states
+        self.teacher_out = None
         targets = None if r.data.streaming else self.batches.teacher_targets
         if targets and "states" in targets[0]:
             self.teacher_out = output_embedding(r.teacher).to(self.dist.device, dtype)
-            check_compatible(student.config.vocab_size, self.teacher_out.shape[0], str(student_dir), r.teacher)
-        self.engine = build_engine(student, r.train, r.optim)
-        self.ckpt_root = self.run_dir / "checkpoints"
-        self.tracker = Tracker(self.run_dir, recipe_to_dict(r), r.tracking.project, r.tracking.mode,
-                               r.tracking.wandb and self.dist.is_main, self.run_dir.name)
-        self.bench = CheckpointBench(self.run_dir, r) if self.dist.is_main else None
+            check_compatible(student.config.vocab_size, self.teacher_out.shape[0], str(self.run_dir / "student"),
+                             r.teacher)
 
-    def in_memory_batches(self, student, collator: WhisperCollator, text_column: str | None,
-                          teacher_cache: bool) -> TrainBatches:
+    def in_memory_batches(self, student, collator: WhisperCollator, text_column: str | None) -> TrainBatches:
         """This rank's shard encoded up front, with cached encoder states and teacher targets where configured."""
         r = self.recipe
         examples = load_shard(r.data.train, self.processor, student.generation_config, self.dist.rank,
@@ -119,7 +143,7 @@ class Trainer:
             for e in examples:
                 e.input_features = e.input_features[:, :0]  # features are no longer needed: free the memory
         targets = None
-        if teacher_cache:
+        if self.teacher_cache:
             targets = load_teacher_targets(examples, r.data.train, r.teacher, r.objective.temperature,
                                            r.objective.teacher_cache)
             if self.dist.is_main:
@@ -234,7 +258,7 @@ class Trainer:
         for micro in range(t.grad_accum):
             batch = self.batches.batch(step * t.grad_accum + micro)
             samples += len(batch["labels"]) * self.dist.world
-            tokens += int((batch["labels"] != -100).sum()) * self.dist.world
+            tokens += int((batch["labels"] != IGNORE_INDEX).sum()) * self.dist.world
             parts = self.losses(batch)
             if not self.all_finite(parts["loss"]):
                 self.engine.optimizer.zero_grad()

@@ -1,4 +1,4 @@
-"""Recovery objectives as pure functions of logits and labels (positions labelled -100 are ignored).
+"""Recovery objectives as pure functions of logits and labels (positions labelled IGNORE_INDEX are ignored).
 
 - Continued pretraining (large-v3-turbo): token cross-entropy on transcripts.
 - Distillation (distil-whisper, Gandhi et al. 2023, eq. 3-4): α_kl · T² · KL(p_teacher^T ‖ p_student^T)
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from asr.data.features import IGNORE_INDEX
 
 
 def ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,14 @@
-"""`python -m asr.launch.env`: the environment `asr run` gives its processes, as shell exports for sbatch scripts.
+"""`python -m asr.slurm.env`: the environment `asr run` gives its processes, as shell exports for sbatch scripts.
 
-The batch scripts run `eval "$(python -m asr.launch.env)"`, so a Slurm job and a local run see the same
-settings (one place decides them: `asr.train.launch.training_env`).
+The batch scripts run `eval "$(python -m asr.slurm.env)"`, so a Slurm job and a local run see the same
+settings (one place decides them: `asr.train.torchrun.training_env`).
 """
 from __future__ import annotations
 
 import os
 import shlex
 
-from asr.train.launch import training_env
+from asr.train.torchrun import training_env
 
 
 def shell_exports() -> str:

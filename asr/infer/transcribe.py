@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from itertools import groupby
 from typing import Callable, Sequence
 
-from asr.bench.engines import Engine
+from asr.infer.engines import Engine
 from asr.data.features import log_mel
 from asr.data.loading import Sample
 

@@ -33,21 +33,17 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from asr.bench.engines import HfEngine
-from asr.bench.repetition import has_loop
-from asr.bench.transcribe import text_of
-from asr.bench.wer import error_rates, normalize
+from asr.infer.engines import HfEngine
+from asr.infer.repetition import has_loop
+from asr.infer.transcribe import text_of
+from asr.infer.wer import error_rates, normalize
 from asr.data.features import IGNORE_INDEX, label_layout, log_mel
 from asr.data.loading import SAMPLE_RATE, DatasetRef, Sample, SkipStats, iter_samples, open_dataset
 from asr.errors import AsrError
+from asr.label.targets import PROGRESS, SETTINGS, SUMMARY, TOPK, read_records, settings_of
 from asr.models.loading import load_processor, load_whisper, local_device
 from asr.models.registry import resolve_model
 
-SETTINGS = "pseudo-label.json"  # how the folder was made; a resumed run must use the same settings
-SUMMARY = "summary.json"
-PROGRESS = "progress"  # <run>-r<rank>.jsonl: one line per finished clip, kept or dropped
-TOPK = "topk"  # <run>-r<rank>-<n>.safetensors: "<file>.ids" int32 [P, K], "<file>.logprobs" fp16 [P, K],
-#               "<file>.states" fp16 [P, d]
 COLUMNS = ("file_name", "transcription", "pseudo_label", "pseudo_wer", "language")
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".webm", ".aac"}
 
@@ -271,26 +267,6 @@ def label_shard(job: ShardJob) -> dict:
 
 
 # --- the folder ------------------------------------------------------------------------------------------
-def read_records(out: Path) -> list[dict]:
-    """Every finished clip of every run so far (first record per clip; a torn last line of a killed run is
-    ignored, that clip was not finished)."""
-    seen: dict[str, dict] = {}
-    for path in sorted((out / PROGRESS).glob("*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            seen.setdefault(record["source_id"], record)
-    return list(seen.values())
-
-
-def settings_of(folder: Path) -> dict | None:
-    """How a pseudo-labelled folder was made (teacher, data, threshold, top_k, ...), or None if it was not."""
-    path = Path(folder) / SETTINGS
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def prepare_out(out: Path, settings: dict) -> None:
     """Create the folder, or check that an existing one is this run's (same settings) so it can resume."""
     stored = settings_of(out)
@@ -400,25 +376,6 @@ def pseudo_label(teacher: str, data: str, out: Path, opts: PseudoLabelOptions | 
     (out / f"{SUMMARY}.part").write_text(json.dumps(summary, indent=2))
     os.replace(out / f"{SUMMARY}.part", out / SUMMARY)  # its presence marks the folder finished
     return summary
-
-
-def read_teacher_targets(folder: Path, ids: set[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """Cached teacher targets of the requested clips: id -> {"ids", "logprobs", "states"} (those stored), each
-    read from the file its progress record names (a killed run's unreferenced files are never read)."""
-    from safetensors import safe_open
-
-    by_file: dict[str, list[str]] = {}
-    for record in read_records(Path(folder)):
-        if record["kept"] and record["file_name"] in ids and record.get("topk_file"):
-            by_file.setdefault(record["topk_file"], []).append(record["file_name"])
-    found: dict[str, dict[str, torch.Tensor]] = {}
-    for name, clips in sorted(by_file.items()):
-        with safe_open(Path(folder) / TOPK / name, framework="pt") as f:
-            keys = set(f.keys())
-            for clip in clips:
-                found[clip] = {kind: f.get_tensor(f"{clip}.{kind}") for kind in ("ids", "logprobs", "states")
-                               if f"{clip}.{kind}" in keys}
-    return found
 
 
 def summary_line(summary: dict) -> str:

@@ -5,7 +5,7 @@
 - cached: encoder states cached once per clip, and the teacher replaced by its cached top-K log-probs;
 - states: the same, with the teacher's cached final decoder states (exact KD: one output projection per step).
 
-All three train on the same pseudo-labelled clips (made once with the recipe's teacher and top-K), through the
+All train on the same pseudo-labelled clips (made once by the recipe's pseudo-label stage, top-K and states), through the
 real `Trainer.train_step`, at each process count: warm-up steps, then timed steps between barriers.
 Checkpoints and tracking are off; evaluation loads one clip and never runs.
 """
@@ -22,7 +22,7 @@ from typing import Sequence
 
 import yaml
 
-from asr.config import Recipe, recipe_to_dict
+from asr.config import PseudoLabelConfig, Recipe, recipe_to_dict
 from asr.errors import AsrError
 
 MODES = ("separate", "shared", "cached", "states")
@@ -74,28 +74,22 @@ def measure(run_dir: Path, warmup: int, steps: int) -> dict | None:
     return result
 
 
-def pseudo_labelled_data(recipe: Recipe, out: Path, top_k: int, clips: int) -> str:
-    """The first `clips` clips of the recipe's first training set, pseudo-labelled with top-K and final states
-    (made once)."""
-    from asr.train.pseudo_label import PseudoLabelOptions, pseudo_label
-
-    folder = out / "pseudo-labelled"
-    summary = pseudo_label(recipe.teacher, recipe.data.train[0], folder,
-                           PseudoLabelOptions(wer_threshold=100.0, top_k=top_k, teacher_states=True, limit=clips,
-                                              language=recipe.data.language,
-                                              temperature=recipe.objective.temperature))
-    if summary["kept"] == 0:
-        raise AsrError(f"{recipe.data.train[0]}: the teacher kept none of the first {clips} clips; "
-                       "use another training set")
-    return str(folder)
+def labelled_recipe(recipe: Recipe, top_k: int, clips: int) -> Recipe:
+    """The recipe whose data stage pseudo-labels the first `clips` clips of its first training set with top-K and
+    final states, keeping every clip the teacher transcribes sanely: all set-ups then train on the same clips."""
+    r = dataclasses.replace
+    first = {"train": recipe.data.train[:1], "synth_train": None} if recipe.data.train else {}
+    return r(recipe, data=r(recipe.data, **first, train_limit=clips,
+                            pseudo_label=PseudoLabelConfig(wer_threshold=100.0, top_k=top_k, teacher_states=True)))
 
 
 def bench_train(recipe: Recipe, student_dir: Path, out: Path, steps: int = 6, warmup: int = 2,
                 nprocs: Sequence[int] = (1, 2), top_k: int = 16, clips: int = 32) -> list[dict]:
-    """Measure every (mode, process count); writes out/bench-train.json and returns its rows."""
-    from asr.train.launch import launch_training
+    """Measure every (mode, process count) on the resolved `labelled_recipe`'s pseudo-labels; writes
+    out/bench-train.json and returns its rows."""
+    from asr.train.torchrun import launch_training
 
-    data_dir = pseudo_labelled_data(recipe, out, top_k, clips)
+    data_dir = recipe.data.train[0]
     rows = []
     for nproc in nprocs:
         for mode in MODES:
@@ -107,7 +101,7 @@ def bench_train(recipe: Recipe, student_dir: Path, out: Path, steps: int = 6, wa
             (run_dir / RESULT).unlink(missing_ok=True)
             resolved = mode_recipe(recipe, mode, data_dir, nproc, warmup + steps)
             (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(resolved), sort_keys=False))
-            code = launch_training(run_dir, nproc, "asr.train.throughput", ("--warmup", str(warmup),
+            code = launch_training(run_dir, nproc, "asr.train.throughput_bench", ("--warmup", str(warmup),
                                                                              "--steps", str(steps)))
             if code != 0 or not (run_dir / RESULT).is_file():
                 raise AsrError(f"throughput run {run_dir} failed (exit code {code}); see the log above")

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 from asr.errors import AsrError
-from asr.launch.render import STAGES, Plan, write_files
+from asr.slurm.render import STAGES, Plan, write_files
 
 
 def sbatch_command(plan: Plan, stage: str, after: str | None) -> list[str]:

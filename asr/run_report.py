@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from asr.bench.report import markdown_table
+from asr.bench.outputs import markdown_table
 
 
 def _read_jsonl(path: Path) -> list[dict]:

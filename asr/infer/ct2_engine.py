@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from asr.bench.engines import Decoded, split_rows
+from asr.infer.engines import Decoded, split_rows
 from asr.errors import AsrError
 from asr.models.loading import prompt_ids
 

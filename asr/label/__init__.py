@@ -1,0 +1,1 @@
+"""Pseudo-labelling: the teacher labels a dataset before any training, and stores the targets KD reads."""
