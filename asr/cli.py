@@ -77,8 +77,10 @@ def _layers(text: str | None) -> list[int] | None:
 
 
 def _prune(args: argparse.Namespace) -> None:
-    from asr.models.prune import prune_to_directory
+    from asr.models.output_dir import check_overwritable
+    from asr.models.prune import PRUNING_REPORT, prune_to_directory
 
+    check_overwritable(Path(args.out), PRUNING_REPORT, "asr prune")  # before an importance selection's work
     keep, scores = _layers(args.keep), None
     if args.strategy == "importance" and keep is None:
         from asr.train.layer_importance import select_by_importance
@@ -113,9 +115,10 @@ def _cp(args: argparse.Namespace) -> None:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from asr.recipes import validate
+    from asr.pipeline import validate_recipe
+    from asr.recipes import recipe_path
 
-    recipe = validate(args.recipe, args.overrides)
+    recipe = validate_recipe(recipe_path(args.recipe), args.overrides)
     print(f"{args.recipe}: valid ({recipe.teacher}, {recipe.objective.method}, {recipe.train.max_steps} steps, "
           f"ZeRO-{recipe.train.zero_stage}, {recipe.train.nproc} process(es))")
 

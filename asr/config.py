@@ -140,6 +140,7 @@ class Recipe:
 
     name: str = "recipe"
     description: str = ""
+    cost: str = ""  # measured wall-clock of a whole run: the one figure `asr ls` and the README's table both show
     teacher: str = "whisper-base"
     prune: PruneConfig = field(default_factory=PruneConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -187,7 +188,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         raise AsrError(f"{path}: {value!r} is not {_type_name(tp)}")
     if origin is list:
         if not isinstance(value, list):
-            raise AsrError(f"{path}: {value!r} is not {_type_name(tp)}")
+            hint = f"; write a list, e.g. [{value}]" if not isinstance(value, (dict, bool)) else ""
+            raise AsrError(f"{path}: {value!r} is not {_type_name(tp)}{hint}")
         return [_coerce(v, typing.get_args(tp)[0], f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
@@ -253,3 +255,14 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
 def recipe_to_dict(recipe: Recipe) -> dict:
     """Plain mapping of a recipe (the resolved recipe written into every run directory)."""
     return dataclasses.asdict(recipe)
+
+
+def changed_keys(old: Recipe, new: Recipe) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (old value, new value) for every leaf where two recipes differ."""
+    def leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(tree, dict):
+            return {k: v for key, sub in tree.items() for k, v in leaves(sub, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: tree}
+
+    a, b = leaves(recipe_to_dict(old)), leaves(recipe_to_dict(new))
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from asr.config import Recipe, SynthConfig, load_recipe, recipe_to_dict
+from asr.config import Recipe, SynthConfig, changed_keys, load_recipe, recipe_to_dict
 from asr.errors import AsrError
 from asr.models.registry import cache_dir
 
@@ -53,34 +53,49 @@ def pseudo_labelled(recipe: Recipe, data: str) -> str:
     return str(out)
 
 
-def resolve_data(recipe: Recipe) -> Recipe:
-    """Replace synthetic data specs by the directories they build, and training sets by their pseudo-labelled
-    folders when the recipe asks for pseudo-labels, so the run directory names the real paths it trains on."""
-    data = recipe.data
-    train = data.train + ([synth_dataset(data.synth_train)] if data.synth_train else [])
-    evals = data.eval + ([synth_dataset(data.synth_eval)] if data.synth_eval else [])
-    if not train:
+def check_recipe(recipe: Recipe) -> None:
+    """Combinations of keys that cannot run, refused before any data is built or labelled."""
+    data, cache = recipe.data, recipe.objective.teacher_cache
+    if not (data.train or data.synth_train):
         raise AsrError("data.train is empty: name an audiofolder or hub dataset, or set data.synth_train")
-    if not evals:
+    if not (data.eval or data.synth_eval):
         raise AsrError("data.eval is empty: name an audiofolder or hub dataset, or set data.synth_eval")
-    if data.streaming and recipe.objective.teacher_cache:
+    if data.streaming and cache:
         raise AsrError("objective.teacher_cache reads every clip's teacher targets into memory; use "
                        "data.streaming=false with it, or the live teacher (objective.teacher_cache=false)")
-    labels = data.labels
-    if data.pseudo_label is not None:
-        spec, cache = data.pseudo_label, recipe.objective.teacher_cache
-        if (cache == "states" and not spec.teacher_states) or (cache == "top_k" and not spec.top_k) or \
-                (cache is True and not (spec.top_k or spec.teacher_states)):
-            raise AsrError(f"objective.teacher_cache={cache} needs those teacher targets stored: set "
-                           "data.pseudo_label.teacher_states=true (exact) or data.pseudo_label.top_k (e.g. 32; "
-                           "approximate, smaller)")
-        train, labels = [pseudo_labelled(recipe, t) for t in train], "pseudo"
-    if recipe.objective.method == "kd" and recipe.objective.teacher_cache and labels != "pseudo":
+    spec = data.pseudo_label
+    if spec is not None and ((cache == "states" and not spec.teacher_states) or (cache == "top_k" and not spec.top_k)
+                             or (cache is True and not (spec.top_k or spec.teacher_states))):
+        raise AsrError(f"objective.teacher_cache={cache} needs those teacher targets stored: set "
+                       "data.pseudo_label.teacher_states=true (exact) or data.pseudo_label.top_k (e.g. 32; "
+                       "approximate, smaller)")
+    if recipe.objective.method == "kd" and cache and spec is None and data.labels != "pseudo":
         raise AsrError("objective.teacher_cache: cached teacher targets belong to pseudo-labels; set "
                        "data.pseudo_label (e.g. {teacher_states: true}), or data.labels=pseudo on folders made by "
                        "`asr pseudo-label`")
+
+
+def resolve_data(recipe: Recipe) -> Recipe:
+    """Replace synthetic data specs by the directories they build, and training sets by their pseudo-labelled
+    folders when the recipe asks for pseudo-labels, so the run directory names the real paths it trains on."""
+    check_recipe(recipe)
+    data = recipe.data
+    train = data.train + ([synth_dataset(data.synth_train)] if data.synth_train else [])
+    evals = data.eval + ([synth_dataset(data.synth_eval)] if data.synth_eval else [])
+    labels = data.labels
+    if data.pseudo_label is not None:
+        train, labels = [pseudo_labelled(recipe, t) for t in train], "pseudo"
     return dataclasses.replace(recipe, data=dataclasses.replace(data, train=train, eval=evals, labels=labels,
                                                                 synth_train=None, synth_eval=None, pseudo_label=None))
+
+
+def validate_recipe(recipe_path: Path, overrides: list[str]) -> Recipe:
+    """Every check `asr run` makes before its work: the schema, the key combinations, the teacher and the datasets
+    named (synthetic sets are built by the run, so only their specs are checked)."""
+    recipe = load_recipe(recipe_path, overrides)
+    check_recipe(recipe)
+    check_inputs(recipe)
+    return recipe
 
 
 def check_inputs(recipe: Recipe) -> None:
@@ -136,8 +151,11 @@ def prepare_run(recipe_path: Path, overrides: list[str], run_dir: Path | None) -
     if run_dir is not None and (run_dir / "recipe.yaml").is_file():
         stored = load_recipe(run_dir / "recipe.yaml")
         if overrides or recipe_path != run_dir / "recipe.yaml":
-            if recipe_to_dict(resolve_data(recipe)) != recipe_to_dict(stored):
-                raise AsrError(f"{run_dir} already holds a different recipe; use a new --run-dir or no overrides")
+            changed = changed_keys(stored, resolve_data(recipe))
+            if changed:
+                keys = ", ".join(f"{k} ({old!r} there, {new!r} here)" for k, (old, new) in changed.items())
+                raise AsrError(f"{run_dir} holds a run of a different recipe: {keys}; resume it with `asr run "
+                               f"{run_dir / 'recipe.yaml'} --run-dir {run_dir}`, or give this recipe a new --run-dir")
         return stored, run_dir
     recipe = resolve_data(recipe)
     check_inputs(recipe)

@@ -28,8 +28,9 @@ def recipe_path(name_or_path: str) -> Path:
 
 
 def describe(path: Path) -> str:
-    """The recipe's one-line description."""
-    return load_recipe(path).description
+    """The recipe's one-line description and what a run costs."""
+    recipe = load_recipe(path)
+    return f"{recipe.description} ({recipe.cost})" if recipe.cost else recipe.description
 
 
 def copy_recipe(name: str, dest: Path) -> Path:

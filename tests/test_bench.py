@@ -62,14 +62,21 @@ def test_predicted_decoder_ratio_of_base_6_to_2():
     assert predicted_decoder_ratio(student, teacher) == pytest.approx(0.70, abs=0.005)
 
 
-def test_bench_cli_writes_json_table_and_clips(tmp_path):
-    folder = tmp_path / "clips"
+SENTENCES = ["The weather today is cold and windy.", "She bought three apples at the market."]
+
+
+def _flite_folder(folder, extra_rows: str = ""):
     folder.mkdir()
-    sentences = ["The weather today is cold and windy.", "She bought three apples at the market."]
-    for i, text in enumerate(sentences):
+    for i, text in enumerate(SENTENCES):
         subprocess.run(["flite", "-voice", "rms", "-t", text, "-o", str(folder / f"c{i}.wav")], check=True)
     (folder / "metadata.csv").write_text("file_name,transcription\n" +
-                                         "".join(f"c{i}.wav,{t}\n" for i, t in enumerate(sentences)))
+                                         "".join(f"c{i}.wav,{t}\n" for i, t in enumerate(SENTENCES)) + extra_rows)
+    return folder
+
+
+def test_bench_cli_writes_json_table_and_clips(tmp_path):
+    folder = _flite_folder(tmp_path / "clips")
+    sentences = SENTENCES
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, "-m", "asr", "bench", "--model", "whisper-tiny.en", "--data", str(folder),
                            "--out", str(out), "--latency-clips", "2", "--warmup", "1"],
@@ -87,3 +94,33 @@ def test_bench_cli_writes_json_table_and_clips(tmp_path):
     clips = [json.loads(line) for line in (out / "clips-whisper-tiny.en-clips.jsonl").read_text().splitlines()]
     assert [c["reference"] for c in clips] == sentences and all(c["hyp_norm"] for c in clips)
     assert "| whisper-tiny.en |" in proc.stdout
+
+
+def test_bench_names_same_named_folders_apart_and_reports_skipped_clips(tmp_path):
+    """Two `pruned/` folders used to crash after all the work (KeyError: 'latency'); skipped clips were only printed."""
+    from asr.models.prune import prune_to_directory
+
+    folder = _flite_folder(tmp_path / "clips", "broken.wav,This file is not audio.\n")
+    (folder / "broken.wav").write_bytes(b"RIFF not really a wave file")
+    for run in ("a", "b"):
+        prune_to_directory("whisper-tiny.en", tmp_path / run / "pruned", decoder_keep=[0, 3] if run == "a" else [1, 2])
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "asr", "bench", "--model", "whisper-tiny.en",
+                           "--model", str(tmp_path / "a" / "pruned"), "--model", str(tmp_path / "b" / "pruned"),
+                           "--data", str(folder), "--out", str(out), "--latency-clips", "1", "--warmup", "0",
+                           "--max-new-tokens", "16"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = json.loads((out / "bench.json").read_text())
+    assert [r["model"] for r in records] == ["whisper-tiny.en", "a-pruned", "b-pruned"]
+    assert [r["teacher"] for r in records] == ["whisper-tiny.en"] * 3  # pruning.json names the benchmarked teacher
+    assert all(r["n"] == 2 and r["skipped_clips"] == {"undecodable audio": 1} for r in records), records[0]
+    table = (out / "bench.md").read_text()
+    assert "| a-pruned | clips |" in table and "| b-pruned | clips |" in table and " vs whisper-tiny.en |" in table
+    assert "- clips: 1 clip(s) skipped while loading, not scored (1 undecodable audio)." in table
+    assert (out / "clips-a-pruned-clips.jsonl").is_file() and (out / "clips-b-pruned-clips.jsonl").is_file()
+
+    twice = subprocess.run([sys.executable, "-m", "asr", "bench", "--model", str(tmp_path / "a" / "pruned"),
+                            "--model", str(tmp_path / "a" / "pruned"), "--data", str(folder), "--out", str(out)],
+                           capture_output=True, text=True, timeout=120)
+    assert twice.returncode == 2 and "Traceback" not in twice.stderr
+    assert twice.stderr.strip() == f"error: --model {tmp_path / 'a' / 'pruned'} is given twice (as {tmp_path / 'a' / 'pruned'}); pass each model once"

@@ -6,6 +6,7 @@ lazy import that reaches up the flow fails here as surely as a top-level one.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -90,10 +91,35 @@ TEXT_FILES = [p for p in REPO.rglob("*") if p.is_file() and p.suffix in {".py", 
 
 def test_files_point_only_inside_the_repository():
     """A user has only the repository: no file sends them to notes beside it, or to a recipe that does not exist."""
-    import re
-
     outside = [str(p.relative_to(REPO)) for p in TEXT_FILES if re.search(r"shared/reference|\.\./shared", p.read_text())]
     assert not outside
     named = {(str(p.relative_to(REPO)), m) for p in TEXT_FILES for m in re.findall(r"recipes/([\w.-]+\.yaml)", p.read_text())}
     missing = sorted((where, m) for where, m in named if not (REPO / "recipes" / m).is_file())
     assert not missing
+
+
+def _readme_section(title: str) -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def test_readme_architecture_names_every_package_and_module():
+    section = _readme_section("Architecture")
+    units = {unit_of(module_name(p)) for p in SOURCES} - {"asr", "asr.__main__", "asr.errors"}
+    paths = {u: "asr/" + u.split(".")[1] + ("/" if (ROOT / u.split(".")[1]).is_dir() else ".py") for u in units}
+    missing = sorted(p for p in paths.values() if f"`{p}" not in section)
+    assert not missing, f"README's Architecture section does not place {missing}"
+    named = set(re.findall(r"`asr/(\w+)/", section)) | set(re.findall(r"`asr/(\w+)\.py`", section))
+    assert named <= {p.stem if p.is_file() else p.name for p in ROOT.iterdir()}, "README names a package that is gone"
+
+
+def test_readme_recipe_costs_are_the_recipes_own():
+    """One source of truth: `asr ls` and the README both show the recipe's `cost` key."""
+    from asr.recipes import builtin_recipes
+    from asr.config import load_recipe
+
+    rows = dict(re.findall(r"^\| `([\w-]+)` \| .* \| ([^|]+) \|$", _readme_section("A short tour"), re.M))
+    recipes = {name: load_recipe(path).cost for name, path in builtin_recipes().items()}
+    assert {name: cost.strip() for name, cost in rows.items() if name in recipes} == recipes

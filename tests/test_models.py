@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -341,6 +343,22 @@ def test_registry_import_is_cached_and_reproducible(tmp_path):
     assert not (tmp_path / "tiny.tmp").exists()
     hashes = _sha_tensors(fresh)
     assert len(hashes) == 167 and hashes == _sha_tensors(first)
+
+
+def test_import_refuses_a_folder_it_did_not_write(tmp_path):
+    """`asr models import --out` used to wipe whatever the folder held."""
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "notes.txt").write_text("mine")
+    for source in ("whisper-tiny.en", str(_ct2_parts("whisper-tiny.en")[1])):
+        proc = subprocess.run([sys.executable, "-m", "asr", "models", "import", source, "--out", str(results)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert f"{results}: not empty and not written by `asr models import` (no asr-import.json)" in proc.stderr
+    assert [p.name for p in results.iterdir()] == ["notes.txt"]
+    imported = import_ct2_dir(_ct2_parts("whisper-tiny.en")[1], tmp_path / "tiny")
+    assert json.loads((imported / "asr-import.json").read_text())["source"] == str(_ct2_parts("whisper-tiny.en")[1].resolve())
+    assert import_ct2_dir(_ct2_parts("whisper-tiny.en")[1], imported) == imported  # its own output is replaced
 
 
 # --- 5. errors --------------------------------------------------------------------------------------------------

@@ -84,6 +84,25 @@ def test_prune_tiny_en_by_count_and_encoder(tmp_path):
     assert (student.config.decoder_layers, student.config.encoder_layers) == (2, 3)
 
 
+def test_prune_refuses_a_folder_it_did_not_write_and_replaces_its_own(tmp_path):
+    """`--out` over a folder of other results used to wipe it; a student pruned there before is replaced."""
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "bench.json").write_text("{}")
+    prune = [sys.executable, "-m", "asr", "prune", "--model", "whisper-tiny.en", "--keep", "0,3", "--out"]
+    proc = subprocess.run(prune + [str(results)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (f"error: {results}: not empty and not written by `asr prune` (no pruning.json); "
+                                   "choose a new --out, or remove the folder yourself if you mean to replace it")
+    assert (results / "bench.json").read_text() == "{}"
+    own = tmp_path / "student"
+    for keep in ("0,3", "1,2"):
+        proc = subprocess.run(prune[:-3] + ["--keep", keep, "--out", str(own)], capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-1500:]
+    assert json.loads((own / "pruning.json").read_text())["decoder_keep"] == [1, 2]
+
+
 def test_prune_rejects_bad_layer_lists():
     teacher = WhisperForConditionalGeneration(WhisperConfig(d_model=16, encoder_layers=2, decoder_layers=4,
                                                             encoder_attention_heads=2, decoder_attention_heads=2,

@@ -75,6 +75,41 @@ def test_cli_ls_cp_validate(tmp_path):
         copy_recipe("nope", tmp_path)
 
 
+def test_cli_validate_makes_the_input_checks_run_makes(tmp_path):
+    """`asr validate` said "valid" for inputs `asr run` rejects; a bare path for a list key got no hint."""
+    empty = tmp_path / "no-metadata"
+    empty.mkdir()
+    cases = {
+        "teacher=whisper-nope": "error: teacher: whisper-nope: not a registry name",
+        f"teacher={tmp_path / 'missing'}": f"error: teacher: {tmp_path / 'missing'}: not a registry name",
+        f"data.eval=[{empty}]": f"error: data.eval[0]: {empty}: not an audiofolder (no metadata.csv)",
+        "data.eval=/path": "error: data.eval: '/path' is not list of str; write a list, e.g. [/path]",
+        "objective.teacher_cache=true": "error: objective.teacher_cache: cached teacher targets belong to pseudo-labels",
+    }
+    for override, message in cases.items():
+        proc = asr("validate", "quickstart", override)
+        assert proc.returncode == 2 and proc.stderr.startswith(message), (override, proc.stderr)
+        assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_rerun_with_a_changed_override_names_the_keys_and_the_advice_works(tmp_path, micro_teacher, speech_folder):
+    """It said only "already holds a different recipe; use ... no overrides", and no overrides failed the same way."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "r", "teacher": str(micro_teacher), "prune": {"keep": [0, 1]},
+                                      "data": {"train": [str(speech_folder)], "eval": [str(speech_folder)]}}))
+    run = tmp_path / "run"
+    first = asr("run", str(recipe), "optim.lr=3e-4", "--stage", "prepare", "--run-dir", str(run))
+    assert first.returncode == 0, first.stderr[-2000:]
+    for changed in (["optim.lr=3e-5"], []):
+        proc = asr("run", str(recipe), *changed, "--stage", "prepare", "--run-dir", str(run))
+        new = 3e-5 if changed else 1e-4  # the recipe file's own lr is the schema default
+        assert proc.returncode == 2 and proc.stderr.strip() == (
+            f"error: {run} holds a run of a different recipe: optim.lr (0.0003 there, {new!r} here); resume it with "
+            f"`asr run {run / 'recipe.yaml'} --run-dir {run}`, or give this recipe a new --run-dir")
+    advice = asr("run", str(run / "recipe.yaml"), "--stage", "prepare", "--run-dir", str(run))
+    assert advice.returncode == 0, advice.stderr[-2000:]
+
+
 @pytest.mark.parametrize("name, decoder_layers", [("large-v3-turbo", 4), ("distil-large-v3", 2)])
 def test_large_recipes_run_two_steps_scaled_down(tmp_path, name, decoder_layers, scaled_large_v3, speech_folder):
     """The real recipe file, with a same-structure tiny model and local data, trains two steps end to end."""

@@ -3,6 +3,8 @@ checkpoint → resume gives the same loss curve, consolidated students keep froz
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,8 +43,9 @@ def losses(run_dir: Path) -> list[dict]:
 def run_then_resume(tmp_path: Path, teacher: str, dataset: Path, stop: int, total: int, **sections):
     """One uninterrupted run and one stopped at `stop` then resumed to `total`; returns both run dirs."""
     full = tmp_path / "full"
-    asr_run(write_recipe(tmp_path / "full.yaml", teacher, dataset, **{**sections, "train": {
+    proc = asr_run(write_recipe(tmp_path / "full.yaml", teacher, dataset, **{**sections, "train": {
         **sections.get("train", {}), "max_steps": total}}), full)
+    (tmp_path / "full.log").write_text(proc.stdout)
     split = tmp_path / "split"
     asr_run(write_recipe(tmp_path / "split.yaml", teacher, dataset, **{**sections, "train": {
         **sections.get("train", {}), "max_steps": stop}}), split)
@@ -76,6 +79,16 @@ def test_kd_zero2_real_tiny_en_two_processes_resume_and_wandb(tmp_path, speech_f
     teacher, final = load_whisper("whisper-tiny.en"), load_whisper(str(full / "final"))
     assert torch.equal(final.model.encoder.layers[0].fc1.weight, teacher.model.encoder.layers[0].fc1.weight)
     assert not torch.equal(final.model.decoder.layers[1].fc1.weight, teacher.model.decoder.layers[3].fc1.weight)
+    # the tied output projection is stored once (final/ was 1.6x student/), and the weights are not owner-only
+    weights = [full / d / "model.safetensors" for d in ("student", "final", "checkpoints/step-000004/hf")]
+    assert [w.stat().st_size for w in weights] == [weights[0].stat().st_size] * 3
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(w.stat().st_mode & 0o777 == 0o666 & ~umask for w in weights)
+    # the rate logged after a checkpoint leaves out its save and benchmark (seconds here, against ~0.5 s a step)
+    rate = {int(m[0]): float(m[1]) for m in re.findall(r"^step (\d+)/4 .* ([\d.]+) samples/s$",
+                                                        (tmp_path / "full.log").read_text(), re.M)}
+    assert set(rate) == {1, 2, 3, 4} and rate[3] > 0.3 * rate[4], rate
     # every checkpoint was benchmarked next to the teacher and the untrained student
     bench = [json.loads(line) for line in (full / "bench" / "checkpoints.jsonl").read_text().splitlines()]
     assert [r["model"] for r in bench] == ["teacher", "pruned-untrained", "step-2", "step-4"]

@@ -14,14 +14,15 @@ def _num(x: float | None, fmt: str = ".1f") -> str:
 
 
 def markdown_table(records: Sequence[dict]) -> str:
-    """One row per (model, dataset): accuracy, size, latency split and the decoder ratio vs the teacher."""
+    """One row per (model, dataset): accuracy, size, latency split and the decoder ratio vs the model's teacher;
+    then the notes a reader needs to trust the figures (skipped clips, what peak RSS covers)."""
     head = ("| model | dataset | n | WER | CER | S/D/I | repetition | params | enc/dec layers | enc ms p50 | "
-            "dec ms/token p50 | total ms p50 / p95 | RTFx | peak RSS MB | dec ratio measured / predicted |")
+            "dec ms/token p50 | total ms p50 / p95 | RTFx | process peak RSS MB | dec ratio measured / predicted |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
         lat = r.get("latency", {})
-        ratio = (f"{_num(r.get('measured_decoder_ratio'), '.2f')} / {_num(r.get('predicted_decoder_ratio'), '.2f')}"
-                 if r.get("model") != r.get("teacher") else "teacher")
+        ratio = (f"{_num(r.get('measured_decoder_ratio'), '.2f')} / {_num(r.get('predicted_decoder_ratio'), '.2f')} "
+                 f"vs {r.get('teacher')}" if r.get("model") != r.get("teacher") else "teacher")
         lines.append(
             f"| {r['model']} | {r['dataset']} | {r['n']} | {_pct(r['wer'])} | {_pct(r['cer'])} | "
             f"{r['substitutions']}/{r['deletions']}/{r['insertions']} | {_pct(r.get('repetition_rate'))} | "
@@ -30,7 +31,12 @@ def markdown_table(records: Sequence[dict]) -> str:
             f"{_num(lat.get('total_ms_p50'), '.0f')} / {_num(lat.get('total_ms_p95'), '.0f')} | "
             f"{_num(lat.get('rtfx'))} | {_num(lat.get('peak_rss_mb'), '.0f')} | {ratio} |")
     extras = [_extra_line(r) for r in records if "streaming" in r or "speculative" in r]
-    return "\n".join(lines + ([""] + extras if extras else [])) + "\n"
+    skipped = {r["dataset"]: r["skipped_clips"] for r in records if r.get("skipped_clips")}
+    notes = [f"- {dataset}: {sum(counts.values())} clip(s) skipped while loading, not scored ("
+             + ", ".join(f"{n} {reason}" for reason, n in counts.items()) + ")." for dataset, counts in skipped.items()]
+    notes.append("- Process peak RSS: this process's resident memory while the model was timed, with every model of "
+                 "the table loaded at once: an upper bound for one model, and it never falls from row to row.")
+    return "\n".join(lines + ([""] + extras if extras else []) + [""] + notes) + "\n"
 
 
 def _extra_line(r: dict) -> str:

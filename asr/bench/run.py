@@ -58,7 +58,28 @@ def model_label(ref: str) -> str:
     return ref if not path.exists() else (path.parent.name if path.name == "final" else path.name)
 
 
-def load_engine(ref: str, engine: str):
+def model_labels(refs: Sequence[str]) -> list[str]:
+    """Unique display names (they key records and name files): a name shared by several folders (two `pruned/`)
+    takes on parent folders, `a-pruned` and `b-pruned`, until it is unique."""
+    seen = {}
+    for ref in refs:
+        key = str(Path(ref).resolve()) if Path(ref).exists() else ref
+        if key in seen:
+            raise AsrError(f"--model {ref} is given twice (as {seen[key]}); pass each model once")
+        seen[key] = ref
+    labels = [model_label(r) for r in refs]
+    for depth in range(1, 64):
+        clashes = {label for label in labels if labels.count(label) > 1}
+        if not clashes:
+            return labels
+        for i, ref in enumerate(refs):
+            if labels[i] in clashes and Path(ref).exists():
+                parts = Path(ref).resolve().parts[-depth - 1:]
+                labels[i] = "-".join(parts)
+    raise AsrError(f"cannot give the models {', '.join(refs)} distinct names; rename one of their folders")
+
+
+def load_engine(ref: str, engine: str, name: str):
     """(engine, processor, HF model) for a model reference; ct2 exports HF models on the fly (cached).
 
     A CTranslate2 directory made by `asr export` is benchmarked as is; its HF source supplies the size figures.
@@ -72,15 +93,16 @@ def load_engine(ref: str, engine: str):
         if (Path(ref) / "model.bin").is_file() and not stamp.is_file():
             raise AsrError(f"{ref}: CTranslate2 directory without {EXPORT_STAMP}; make it with `asr export`")
         model = load_whisper(source)
-        return Ct2Engine.for_model(ref, model_label(ref)), load_processor(source), model
+        return Ct2Engine.for_model(ref, name), load_processor(source), model
     if engine != "hf":
         raise AsrError(f"unknown engine '{engine}'; choose hf or ct2")
     model = load_whisper(ref)
-    return HfEngine(model, model_label(ref)), load_processor(ref), model
+    return HfEngine(model, name), load_processor(ref), model
 
 
 def teacher_of(ref: str, models: Sequence[str]) -> str:
-    """The teacher a model is compared against: its pruning.json teacher if benchmarked, else the first model."""
+    """The model another is compared against (latency ratios): its pruning.json teacher if that is benchmarked
+    too, else the first --model."""
     pruning = Path(ref) / "pruning.json"
     if pruning.is_file():
         teacher = json.loads(pruning.read_text())["teacher"]
@@ -160,23 +182,24 @@ def add_ratios(records: list[dict], teachers: dict[str, str]) -> None:
 def run_bench(models: Sequence[str], datasets: Sequence[str], out_dir: Path, opts: BenchOptions | None = None) -> list[dict]:
     """Benchmark models on datasets; writes bench.json, bench.md, bench.png and clips-<model>-<dataset>.jsonl."""
     opts = opts or BenchOptions()
+    labels = model_labels(models)  # before any work: a clash would only surface when the records are joined
     torch.set_num_threads(opts.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     loaded = [load_eval_samples(d, opts.limit) for d in datasets]
     for label, samples, stats in loaded:
         print(f"{label}: {len(samples)} clips; {stats.summary()}")
-    labels = [model_label(m) for m in models]
-    teachers = {model_label(m): model_label(teacher_of(m, models)) for m in models}
+    teachers = {name: labels[list(models).index(teacher_of(m, models))] for name, m in zip(labels, models)}
     records, engines = [], []
     memos: dict[tuple[str, str], dict] = {}  # (encoder weights, dataset) -> encoder states per clip
-    for ref in models:
-        engine, processor, model = load_engine(ref, opts.engine)
+    for ref, name in zip(models, labels):
+        engine, processor, model = load_engine(ref, opts.engine, name)
         engines.append((engine, processor))
         encoder = weights_fingerprint(model.model.encoder)
-        for label, samples, _ in loaded:
+        for label, samples, stats in loaded:
             memo = memos.setdefault((encoder, label), {}) if opts.engine == "hf" else None
-            records.append(bench_one(engine, processor, model, label, samples, opts, out_dir, memo, latency=False))
+            records.append(bench_one(engine, processor, model, label, samples, opts, out_dir, memo, latency=False)
+                           | {"skipped_clips": dict(stats.counts)})
         if opts.assistant is not None and engine.name == teachers[engine.name]:
             from asr.bench.speculative import speculative_check
 

@@ -19,6 +19,9 @@ import torch
 
 from asr.errors import AsrError
 from asr.models.ct2_reader import Ct2Model, dequantize, read_ct2
+from asr.models.loading import save_whisper
+from asr.models.output_dir import check_overwritable, replace_dir
+from asr.models.registry import IMPORT_STAMP
 
 _LAYER = re.compile(r"^(encoder|decoder)/layer_(\d+)/")
 _LN = {"gamma": "weight", "beta": "bias"}
@@ -186,10 +189,12 @@ def generation_config(config, vocab: list[str], ct2_config: dict):
     return gen
 
 
-def import_ct2(model_parts: Sequence[Path], ct2_dir: Path, out_dir: Path) -> Path:
-    """Convert CTranslate2 Whisper files to a `save_pretrained` directory (written atomically)."""
+def import_ct2(model_parts: Sequence[Path], ct2_dir: Path, out_dir: Path, stamp: dict) -> Path:
+    """Convert CTranslate2 Whisper files to a `save_pretrained` directory (written atomically, with `stamp` saying
+    where it came from); an existing folder is replaced only if an import wrote it."""
     from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
+    check_overwritable(out_dir, IMPORT_STAMP, "asr models import")
     ct2 = read_ct2(model_parts)
     if ct2.spec_name and ct2.spec_name != "WhisperSpec":
         raise AsrError(f"{ct2_dir}: CTranslate2 spec is {ct2.spec_name}, not WhisperSpec")
@@ -209,10 +214,9 @@ def import_ct2(model_parts: Sequence[Path], ct2_dir: Path, out_dir: Path) -> Pat
     tokenizer = build_tokenizer(ct2_dir, vocab)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    save_whisper(model, tmp)
     tokenizer.save_pretrained(tmp)
     WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    (tmp / IMPORT_STAMP).write_text(json.dumps(stamp))
+    replace_dir(tmp, out_dir)
     return out_dir

@@ -24,6 +24,22 @@ def save_processor(processor, path) -> None:
     processor.feature_extractor.save_pretrained(path)
 
 
+def save_whisper(model, path: Path, processor=None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """`save_pretrained` (and the processor), with the tied output projection stored once and the files readable as
+    the umask allows: a consolidated state dict holds proj_out as a separate copy (final/ was 1.6x student/), and
+    transformers 5.23 writes model.safetensors owner-only (0600)."""
+    if state_dict is not None and model.config.tie_word_embeddings and "proj_out.weight" in state_dict:
+        state_dict = {**state_dict, "proj_out.weight": state_dict["model.decoder.embed_tokens.weight"]}
+    model.save_pretrained(path, state_dict=state_dict)
+    if processor is not None:
+        save_processor(processor, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in Path(path).iterdir():
+        if file.is_file():
+            file.chmod(0o666 & ~umask)
+
+
 def load_whisper(ref: str, dtype: torch.dtype = torch.float32):
     """A WhisperForConditionalGeneration in eval mode, on CPU (callers move it to their device)."""
     from transformers import WhisperForConditionalGeneration

@@ -6,13 +6,15 @@ layers are exact copies, so an untrained student already shares the teacher's vo
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from asr.errors import AsrError
+from asr.models.output_dir import check_overwritable, replace_dir
+
+PRUNING_REPORT = "pruning.json"  # written into every pruned student: which layers came from where
 
 STRATEGIES = ("spaced", "first")
 
@@ -81,8 +83,9 @@ def prune_to_directory(teacher_ref: str, out: Path, decoder_keep: Sequence[int] 
 
     `scores` is the table of an importance selection (the layers themselves come in `decoder_keep`).
     """
-    from asr.models.loading import load_processor, load_whisper, save_processor
+    from asr.models.loading import load_processor, load_whisper, save_whisper
 
+    check_overwritable(out, PRUNING_REPORT, "asr prune")
     teacher = load_whisper(teacher_ref)
     if decoder_keep is None:
         if num_layers is None:
@@ -93,8 +96,7 @@ def prune_to_directory(teacher_ref: str, out: Path, decoder_keep: Sequence[int] 
         chosen_by = "importance" if scores is not None else "explicit"
     student = prune_whisper(teacher, decoder_keep, encoder_keep)
     tmp = out.with_name(out.name + ".tmp")
-    student.save_pretrained(tmp)
-    save_processor(load_processor(teacher_ref), tmp)
+    save_whisper(student, tmp, load_processor(teacher_ref))
     report = {
         "teacher": teacher_ref, "strategy": chosen_by,
         "teacher_decoder_layers": teacher.config.decoder_layers, "decoder_keep": list(decoder_keep),
@@ -105,8 +107,6 @@ def prune_to_directory(teacher_ref: str, out: Path, decoder_keep: Sequence[int] 
     }
     if scores is not None:
         report["importance_scores"] = scores
-    (tmp / "pruning.json").write_text(json.dumps(report, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    (tmp / PRUNING_REPORT).write_text(json.dumps(report, indent=2))
+    replace_dir(tmp, out)
     return report

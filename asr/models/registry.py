@@ -40,7 +40,7 @@ REGISTRY: dict[str, RegistryModel] = {m.name: m for m in (
                   "OpenAI whisper base (72.6M params, multilingual, 6+6 layers)"),
 )}
 
-IMPORT_STAMP = "asr-import.json"
+IMPORT_STAMP = "asr-import.json"  # in every imported folder: where it came from (and the cache key of registry models)
 
 
 def cache_dir() -> Path:
@@ -92,9 +92,7 @@ def import_registry_model(name: str, out: Path | None = None) -> Path:
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
         return target
     parts, ct2_dir = _locate(entry)
-    import_ct2(parts, ct2_dir, target)
-    stamp_file.write_text(json.dumps(stamp))
-    return target
+    return import_ct2(parts, ct2_dir, target, stamp)
 
 
 def import_ct2_dir(ct2_dir: Path, out: Path) -> Path:
@@ -104,7 +102,7 @@ def import_ct2_dir(ct2_dir: Path, out: Path) -> Path:
     parts = [ct2_dir / "model.bin"] if (ct2_dir / "model.bin").is_file() else sorted(ct2_dir.glob("model.bin.part*"))
     if not parts:
         raise AsrError(f"{ct2_dir}: no model.bin (or model.bin.part*); pass a CTranslate2 Whisper directory")
-    return import_ct2(parts, ct2_dir, out)
+    return import_ct2(parts, ct2_dir, out, {"source": str(ct2_dir.resolve()), "format": 1})
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

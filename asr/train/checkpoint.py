@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from asr.errors import AsrError
-from asr.models.loading import read_weights
+from asr.models.loading import read_weights, save_whisper
 
 COMPLETE = "COMPLETE"
 
@@ -136,9 +136,7 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict, zero_stag
         engine.save_checkpoint(str(tmp), tag="ds", client_state=client_state, save_latest=False)
         state = consolidated_state_dict(engine, zero_stage, fp32_source)
         if dist.get_rank() == 0:
-            engine.module.save_pretrained(tmp / "hf", state_dict=state)
-            processor.tokenizer.save_pretrained(tmp / "hf")
-            processor.feature_extractor.save_pretrained(tmp / "hf")
+            save_whisper(engine.module, tmp / "hf", processor, state_dict=state)
             (tmp / "state.json").write_text(json.dumps({"step": step, **{k: v for k, v in client_state.items()
                                                                          if k in ("losses",)}}))
         dist.barrier()

@@ -55,11 +55,12 @@ class CheckpointBench:
             model = engine.model
             encoder = weights_fingerprint(model.model.encoder)
             rows = []
-            for label, samples, _ in self.datasets:
+            for label, samples, stats in self.datasets:
                 memo = self.memos.setdefault((encoder, label), {})
                 record = bench_one(engine, processor, model, label, samples, self.opts, self.out, memo,
                                    latency=False)
-                record.update(step=step, path=model_dir, **self._latency(engine, processor, samples, label))
+                record.update(step=step, path=model_dir, skipped_clips=dict(stats.counts),
+                              **self._latency(engine, processor, samples, label))
                 rows.append(record)
         finally:
             torch.set_num_threads(threads)

@@ -62,6 +62,7 @@ class Trainer:
         self.place_teacher(student)
         self.engine = build_engine(student, self.recipe.train, self.recipe.optim)
         self.ckpt_root = self.run_dir / "checkpoints"
+        self.untimed = 0.0  # seconds spent checkpointing since the last logged step: not training time
         r = self.recipe
         self.tracker = Tracker(self.run_dir, recipe_to_dict(r), r.tracking.project, r.tracking.mode,
                                r.tracking.wandb and self.dist.is_main, self.run_dir.name)
@@ -221,6 +222,7 @@ class Trainer:
         return gathered
 
     def checkpoint(self, step: int, history: list[dict]) -> None:
+        started = time.perf_counter()
         streaming = isinstance(self.batches, StreamingBatches)  # in-memory batches are a function of the step
         client = {"step": step, "history": history, "rng": self.rng_states(),
                   "data": self.gather(self.batches.state()) if streaming else None}
@@ -235,6 +237,7 @@ class Trainer:
             best = self.bench.best_checkpoint(self.ckpt_root)
             prune_checkpoints(self.ckpt_root, self.recipe.train.keep_last, best)
         dist.barrier()
+        self.untimed += time.perf_counter() - started
 
     def save_if_due(self, step: int, history: list[dict]) -> bool:
         """Checkpoint every save_every steps and at the end, or now if preemption is requested (then True: stop)."""
@@ -309,7 +312,8 @@ class Trainer:
                 with open(metrics_file, "a") as f:
                     f.write(json.dumps(row) + "\n")
             if (step + 1) % t.log_every == 0 or step + 1 == t.max_steps:
-                elapsed, last_log = time.perf_counter() - last_log, time.perf_counter()
+                elapsed = time.perf_counter() - last_log - self.untimed
+                last_log, self.untimed = time.perf_counter(), 0.0
                 grad_norm = self.engine.get_global_grad_norm()
                 metrics = {**{f"train/{k}": v for k, v in row.items() if k != "step"},
                            "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
