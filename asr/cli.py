@@ -38,6 +38,12 @@ def _data_synth(args: argparse.Namespace) -> None:
                  languages=tuple(args.languages.split(",")))  # prints its own summary line
 
 
+def _data_real(args: argparse.Namespace) -> None:
+    from asr.data.real import build_real
+
+    build_real(args.lang, Path(args.out))  # prints its own summary line
+
+
 def _pseudo_label(args: argparse.Namespace) -> None:
     from asr.label.pseudo_label import PseudoLabelOptions, pseudo_label, summary_line
 
@@ -164,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     synth.add_argument("--languages", default="en", help="comma-separated, e.g. en,de,es,fr,it")
     synth.set_defaults(func=_data_synth)
+    real = data.add_parser("real", help="real human recordings for evaluation (Debian packages, offline)")
+    real.add_argument("--lang", required=True, help="a language of data/real.yaml: it or ru")
+    real.add_argument("--out", required=True)
+    real.set_defaults(func=_data_real)
 
     pseudo = sub.add_parser("pseudo-label", help="teacher transcripts as labels, WER-filtered, optional top-K")
     pseudo.add_argument("--teacher", required=True, help="registry name, HF dir or hub id")

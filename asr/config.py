@@ -59,6 +59,8 @@ class DataConfig:
     eval: list[str] = field(default_factory=list)
     synth_train: SynthConfig | None = None
     synth_eval: SynthConfig | None = None
+    # real human recordings evaluated at every checkpoint, by language (`asr data real`: it, ru); never trained on
+    real_eval: list[str] = field(default_factory=list)
     train_limit: int | None = None
     language: str = "en"  # used when a dataset has no language column
     max_label_tokens: int = 200
@@ -119,6 +121,7 @@ class EvalConfig:
     """The per-checkpoint benchmark."""
 
     limit: int | None = 60
+    real_limit: int | None = None  # clips per real-recordings set (first in file-name order); None: `limit`
     batch_size: int = 8
     max_new_tokens: int = 96
     latency_clips: int = 8

@@ -34,6 +34,16 @@ def synth_dataset(spec: SynthConfig) -> str:
     return str(out)
 
 
+def real_dataset(language: str) -> str:
+    """Build (once, cached) the real recordings of a language and return their directory."""
+    from asr.data.real import MANIFEST, build_real
+
+    out = cache_dir() / "real" / f"real-{language}"
+    if not (out / MANIFEST).is_file():
+        build_real(language, out)
+    return str(out)
+
+
 def pseudo_labelled(recipe: Recipe, data: str) -> str:
     """Label one training set with the teacher (once: cached, and resumed if stopped); returns the folder."""
     from asr.data.loading import DatasetRef
@@ -58,11 +68,19 @@ def check_recipe(recipe: Recipe) -> None:
     data, cache = recipe.data, recipe.objective.teacher_cache
     if not (data.train or data.synth_train):
         raise AsrError("data.train is empty: name an audiofolder or hub dataset, or set data.synth_train")
-    if not (data.eval or data.synth_eval):
+    if not (data.eval or data.synth_eval or data.real_eval):
         raise AsrError("data.eval is empty: name an audiofolder or hub dataset, or set data.synth_eval")
     if data.streaming and cache:
         raise AsrError("objective.teacher_cache reads every clip's teacher targets into memory; use "
                        "data.streaming=false with it, or the live teacher (objective.teacher_cache=false)")
+    from asr.data.real import real_source, refuse_for_training
+
+    for language in data.real_eval:
+        real_source(language)
+    for ref in data.train:
+        refuse_for_training(ref, "training (data.train)")
+    if recipe.prune.calibration:
+        refuse_for_training(recipe.prune.calibration, "layer selection (prune.calibration)")
     spec = data.pseudo_label
     if spec is not None and ((cache == "states" and not spec.teacher_states) or (cache == "top_k" and not spec.top_k)
                              or (cache is True and not (spec.top_k or spec.teacher_states))):
@@ -81,12 +99,14 @@ def resolve_data(recipe: Recipe) -> Recipe:
     check_recipe(recipe)
     data = recipe.data
     train = data.train + ([synth_dataset(data.synth_train)] if data.synth_train else [])
-    evals = data.eval + ([synth_dataset(data.synth_eval)] if data.synth_eval else [])
+    evals = data.eval + ([synth_dataset(data.synth_eval)] if data.synth_eval else []) \
+        + [real_dataset(language) for language in data.real_eval]
     labels = data.labels
     if data.pseudo_label is not None:
         train, labels = [pseudo_labelled(recipe, t) for t in train], "pseudo"
     return dataclasses.replace(recipe, data=dataclasses.replace(data, train=train, eval=evals, labels=labels,
-                                                                synth_train=None, synth_eval=None, pseudo_label=None))
+                                                                synth_train=None, synth_eval=None, real_eval=[],
+                                                                pseudo_label=None))
 
 
 def validate_recipe(recipe_path: Path, overrides: list[str]) -> Recipe:
@@ -104,9 +124,17 @@ def check_inputs(recipe: Recipe) -> None:
     from asr.models.registry import resolve_model
 
     try:
-        resolve_model(recipe.teacher)
+        teacher = resolve_model(recipe.teacher)
     except AsrError as exc:
         raise AsrError(f"teacher: {exc}") from None
+    if recipe.data.real_eval:
+        from transformers import GenerationConfig
+
+        languages = getattr(GenerationConfig.from_pretrained(teacher), "lang_to_id", None) or {}
+        unknown = [lang for lang in recipe.data.real_eval if f"<|{lang}|>" not in languages]
+        if unknown:
+            raise AsrError(f"data.real_eval: {recipe.teacher} does not transcribe {', '.join(unknown)} (English-only "
+                           "or without that language); drop them from data.real_eval or use a multilingual teacher")
     refs = [(f"data.{key}[{i}]", ref) for key in ("train", "eval") for i, ref in enumerate(getattr(recipe.data, key))]
     for key, ref in refs + ([("prune.calibration", recipe.prune.calibration)] if recipe.prune.calibration else []):
         try:

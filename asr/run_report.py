@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from asr.bench.outputs import markdown_table
+from asr.train.evaluate import with_paired_teacher
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -42,16 +43,32 @@ def plot_report(records: list[dict], history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def wer_by_set(records: list[dict]) -> str:
+    """WER per model (rows) and eval set (columns), synthetic sets first, then real recordings, each so marked:
+    synthetic speech flatters students, so the two are never averaged together."""
+    sets = sorted({r["dataset"]: bool(r.get("real_speech")) for r in records}.items(), key=lambda d: (d[1], d[0]))
+    models = list(dict.fromkeys(r["model"] for r in records))
+    wer = {(r["model"], r["dataset"]): r["wer"] for r in records}
+    head = "| model | " + " | ".join(f"{name} ({'real' if real else 'synthetic'}) WER" for name, real in sets) + " |"
+    lines = [head, "|" + "---|" * (len(sets) + 1)]
+    for model in models:
+        cells = [wer.get((model, name)) for name, _ in sets]
+        lines.append(f"| {model} | " + " | ".join("-" if w is None else f"{100 * w:.1f}%" for w in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(run_dir: Path) -> str:
     """Write RUN/report.md and RUN/report.png; return the markdown."""
     records = _read_jsonl(run_dir / "bench" / "checkpoints.jsonl")
     history = _read_jsonl(run_dir / "metrics.jsonl")
     summary = json.loads((run_dir / "train-summary.json").read_text()) if (run_dir / "train-summary.json").is_file() else {}
-    from asr.bench.run import add_ratios
-
-    add_ratios(records, {r["model"]: "teacher" for r in records})
+    records = with_paired_teacher(records)
+    teacher = next((r for r in records if r["model"] == "teacher" and "solo_latency" in r), None)
+    timing = (f"Teacher latency: the median of its {teacher['latency']['paired_timings']} timings paired clip by clip "
+              f"with the students (its solo timing at the start read "
+              f"{teacher['solo_latency']['decoder_ms_per_token_p50']:.2f} ms/token).\n" if teacher else "")
     final = (run_dir / "final" / "SOURCE").read_text().strip() if (run_dir / "final" / "SOURCE").is_file() else "-"
-    text = (f"# Run {run_dir.name}\n\n{markdown_table(records)}\n"
+    text = (f"# Run {run_dir.name}\n\n{wer_by_set(records)}\n{markdown_table(records)}\n{timing}"
             f"Final student: `{run_dir / 'final'}` = {final}.\n"
             f"Training: {summary.get('steps', len(history))} steps, {summary.get('skipped_nonfinite_steps', 0)} skipped "
             f"(non-finite loss); samples skipped on rank 0: {summary.get('skipped_samples_rank0') or 'none'}.\n\n"

@@ -116,3 +116,11 @@ def scaled_large_v3(tmp_path_factory):
                            num_mel_bins=128, d_model=32, encoder_layers=32, decoder_layers=32,
                            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
                            decoder_ffn_dim=64)
+
+
+@pytest.fixture(scope="session")
+def micro_multilingual_teacher(tmp_path_factory):
+    """The same tiny widths with whisper-base's multilingual tokenizer and languages."""
+    return _random_whisper("whisper-base", tmp_path_factory.mktemp("micro-multi") / "micro-multilingual", 80,
+                           d_model=64, encoder_layers=2, decoder_layers=4, encoder_attention_heads=2,
+                           decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128)

@@ -18,7 +18,7 @@ def test_quickstart_recovers_most_of_the_gap_and_decodes_faster(tmp_path):
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     rows = [json.loads(line) for line in (run / "bench" / "checkpoints.jsonl").read_text().splitlines()]
     add_ratios(rows, {r["model"]: "teacher" for r in rows})
-    by_model = {r["model"]: r for r in rows}
+    by_model = {r["model"]: r for r in rows if not r["real_speech"]}  # the synthetic eval; real sets are reported apart
     teacher, untrained, final = by_model["teacher"], by_model["pruned-untrained"], by_model["step-200"]
     assert teacher["wer"] < 0.25 and untrained["wer"] > 1.0  # the two ends: a good teacher, a looping student
     assert final["wer"] < teacher["wer"] + 0.5 * (untrained["wer"] - teacher["wer"])  # at least half the gap

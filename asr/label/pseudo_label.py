@@ -38,6 +38,7 @@ from asr.infer.repetition import has_loop
 from asr.infer.transcribe import text_of
 from asr.infer.wer import error_rates, normalize
 from asr.data.features import IGNORE_INDEX, label_layout, log_mel
+from asr.data.real import refuse_for_training
 from asr.data.loading import SAMPLE_RATE, DatasetRef, Sample, SkipStats, iter_samples, open_dataset
 from asr.errors import AsrError
 from asr.label.targets import PROGRESS, SETTINGS, SUMMARY, TOPK, read_records, settings_of
@@ -328,6 +329,7 @@ def pseudo_label(teacher: str, data: str, out: Path, opts: PseudoLabelOptions | 
     opts = opts or PseudoLabelOptions()
     started = time.perf_counter()
     resolve_model(teacher)  # a bad reference fails here, before any folder is made
+    refuse_for_training(data, "pseudo-labels")
     settings = {"teacher": teacher, "data": str(Path(data).resolve()) if Path(data).exists() else data,
                 "wer_threshold": opts.wer_threshold, "top_k": opts.top_k, "max_new_tokens": opts.max_new_tokens,
                 "language": opts.language, "temperature": opts.temperature if opts.top_k else None,  # of the top-K

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from asr.infer.engines import HfEngine
 from asr.bench.outputs import log_to_wandb, markdown_table, plot_wer_vs_latency
 from asr.bench.run import BenchOptions, add_ratios, bench_one, interleaved_latency, load_eval_samples
 from asr.config import Recipe
+from asr.data.real import MANIFEST as REAL_MANIFEST
 from asr.models.loading import load_processor, load_whisper, weights_fingerprint
 
 
@@ -28,7 +30,9 @@ class CheckpointBench:
         self.file = self.out / "checkpoints.jsonl"
         self.opts = BenchOptions(limit=e.limit, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
                                  latency_clips=e.latency_clips, warmup=e.warmup)
-        self.datasets = [load_eval_samples(d, e.limit) for d in recipe.data.eval]
+        real_limit = e.limit if e.real_limit is None else e.real_limit
+        self.datasets = [load_eval_samples(d, real_limit if is_real(d) else e.limit) for d in recipe.data.eval]
+        self.real = {label: is_real(d) for d, (label, _, _) in zip(recipe.data.eval, self.datasets)}
         self.run_dir = run_dir
         self.memos: dict[tuple[str, str], dict] = {}  # frozen encoder: its states are computed once per clip
         self._teacher_engine: tuple[HfEngine, object] | None = None  # loaded once, timed next to each checkpoint
@@ -59,7 +63,7 @@ class CheckpointBench:
                 memo = self.memos.setdefault((encoder, label), {})
                 record = bench_one(engine, processor, model, label, samples, self.opts, self.out, memo,
                                    latency=False)
-                record.update(step=step, path=model_dir, skipped_clips=dict(stats.counts),
+                record.update(step=step, path=model_dir, skipped_clips=dict(stats.counts), real_speech=self.real[label],
                               **self._latency(engine, processor, samples, label))
                 rows.append(record)
         finally:
@@ -85,16 +89,20 @@ class CheckpointBench:
             self._bench(str(self.run_dir / "student"), "pruned-untrained", 0)
 
     def checkpoint(self, hf_dir: Path, step: int) -> dict:
+        """Bench one checkpoint; means over the synthetic/selection sets, and the WER of every set by name."""
         rows = self._bench(str(hf_dir), f"step-{step}", step)
-        return {"wer": _mean(rows, "wer"), "cer": _mean(rows, "cer"), "repetition_rate": _mean(rows, "repetition_rate"),
-                "latency": rows[0]["latency"]}
+        chosen = [r for r in rows if not r.get("real_speech")] or rows
+        return {"wer": _mean(chosen, "wer"), "cer": _mean(chosen, "cer"),
+                "repetition_rate": _mean(chosen, "repetition_rate"), "latency": rows[0]["latency"],
+                "wer_by_dataset": {r["dataset"]: r["wer"] for r in rows}}
 
     def best_checkpoint(self, ckpt_root: Path) -> Path | None:
-        """The existing checkpoint with the lowest mean WER over the eval sets."""
+        """The existing checkpoint with the lowest mean WER over the eval sets that are not real recordings (those
+        only report: choosing on them would tune on them); the newest when there are only real ones."""
         by_step: dict[int, list[dict]] = {}
         for r in self.records():
             if r["model"].startswith("step-"):
-                by_step.setdefault(r["step"], []).append(r)
+                by_step.setdefault(r["step"], []).extend([r] if not r.get("real_speech") else [])
         ranked = sorted(by_step, key=lambda s: (_mean(by_step[s], "wer"), -s))
         for step in ranked:
             path = ckpt_root / f"step-{step:06d}"
@@ -103,9 +111,7 @@ class CheckpointBench:
         return None
 
     def redraw(self) -> None:
-        records = self.records()
-        teachers = {r["model"]: "teacher" for r in records}
-        add_ratios(records, teachers)
+        records = with_paired_teacher(self.records())
         (self.out / "checkpoints.md").write_text(markdown_table(records))
         plot_wer_vs_latency(records, {"teacher"}, self.out / "checkpoints.png")
 
@@ -118,11 +124,35 @@ class CheckpointBench:
         tmp = final.with_name("final.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(best / "hf", tmp)
-        (tmp / "SOURCE").write_text(f"{best.name} (lowest WER on {', '.join(self.recipe.data.eval)})\n")
+        chosen_on = [d for d in self.recipe.data.eval if not is_real(d)]
+        (tmp / "SOURCE").write_text(f"{best.name} (lowest WER on {', '.join(chosen_on)})\n" if chosen_on
+                                    else f"{best.name} (the newest: real recordings are not used to choose)\n")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         log_to_wandb(self.records())
         return final
+
+
+def with_paired_teacher(records: list[dict]) -> list[dict]:
+    """Records with ratios, and the teacher's latency replaced by the median of its timings paired with the students
+    (its solo timing, taken once at the start under other load, kept as `solo_latency`): the table and the plot then
+    agree with the ratio column."""
+    records = [dict(r) for r in records]
+    add_ratios(records, {r["model"]: "teacher" for r in records})
+    for teacher in (r for r in records if r["model"] == "teacher"):
+        paired = [r["paired_teacher_latency"] for r in records
+                  if r["dataset"] == teacher["dataset"] and "paired_teacher_latency" in r]
+        if paired:
+            teacher["solo_latency"] = teacher["latency"]
+            teacher["latency"] = {key: statistics.median(p[key] for p in paired) if isinstance(value, (int, float))
+                                  else value for key, value in paired[0].items()}
+            teacher["latency"]["paired_timings"] = len(paired)
+    return records
+
+
+def is_real(ref: str) -> bool:
+    """A folder of real human recordings (made by `asr data real`), reported apart from synthetic speech."""
+    return (Path(ref) / REAL_MANIFEST).is_file()
 
 
 def _mean(rows: list[dict], key: str) -> float:

@@ -233,7 +233,8 @@ class Trainer:
             record = self.bench.checkpoint(ckpt / "hf", step)
             self.tracker.log({"eval/wer": record["wer"], "eval/cer": record["cer"],
                               "eval/repetition_rate": record["repetition_rate"],
-                              "eval/decoder_ms_per_token": record["latency"]["decoder_ms_per_token_p50"]}, step)
+                              "eval/decoder_ms_per_token": record["latency"]["decoder_ms_per_token_p50"],
+                              **{f"eval/wer/{name}": wer for name, wer in record["wer_by_dataset"].items()}}, step)
             best = self.bench.best_checkpoint(self.ckpt_root)
             prune_checkpoints(self.ckpt_root, self.recipe.train.keep_last, best)
         dist.barrier()
