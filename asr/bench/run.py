@@ -6,6 +6,7 @@ with a token cap; latency from a separate batch-1 pass after warm-up, on a fixed
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -137,6 +138,14 @@ def interleaved_latency(pairs: Sequence[tuple], samples, label: str, opts: Bench
     return [summary for summary, _ in results]
 
 
+def token_cap(tokenizer, samples, floor: int, window: int) -> int:
+    """The accuracy pass's token cap: `floor`, raised to cover the dataset's longest reference with room (x1.25 + 8
+    tokens), so a long prompt is never cut short (real Italian/Russian prompts reach 300 tokens); a collapsed
+    student still stops there. `window`: the decoder's positions (448), minus room for the prompt."""
+    longest = max((len(tokenizer(s.text, add_special_tokens=False).input_ids) for s in samples), default=0)
+    return min(max(floor, math.ceil(1.25 * longest) + 8), window - 8)
+
+
 def bench_one(engine, processor, model, label: str, samples, opts: BenchOptions, out_dir: Path,
               encoder_memo: dict | None = None, latency: bool = True) -> dict:
     """One (model, dataset) record: accuracy, latency, and the optional streaming / speculative figures.
@@ -145,10 +154,11 @@ def bench_one(engine, processor, model, label: str, samples, opts: BenchOptions,
     encoder states; the latency pass always runs the real encoder.
     """
     accuracy_engine = engine if encoder_memo is None else MemoizedEncoder(engine, encoder_memo)
+    cap = token_cap(processor.tokenizer, samples, opts.max_new_tokens, model.config.max_target_positions)
     with tqdm(total=len(samples), desc=f"{engine.name} on {label}: WER", unit="clip") as bar:
-        hyps = transcribe(accuracy_engine, processor, samples, opts.batch_size, opts.max_new_tokens,
-                          progress=bar.update)
+        hyps = transcribe(accuracy_engine, processor, samples, opts.batch_size, cap, progress=bar.update)
     record, clips = score(engine.name, label, samples, hyps)
+    record["max_new_tokens"] = cap
     with open(out_dir / f"clips-{engine.name}-{label}.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in clips)
     timed = samples[:opts.latency_clips]
