@@ -185,8 +185,9 @@ def prepare_run(recipe_path: Path, overrides: list[str], run_dir: Path | None) -
                 raise AsrError(f"{run_dir} holds a run of a different recipe: {keys}; resume it with `asr run "
                                f"{run_dir / 'recipe.yaml'} --run-dir {run_dir}`, or give this recipe a new --run-dir")
         return stored, run_dir
+    check_recipe(recipe)
+    check_inputs(recipe)  # what the user named, before synthetic sets are built or training sets labelled
     recipe = resolve_data(recipe)
-    check_inputs(recipe)
     if run_dir is None:
         run_dir = find_resumable(recipe, Path("runs"))
         if run_dir is not None:

@@ -97,9 +97,11 @@ def test_a_run_reports_real_speech_apart_and_never_chooses_on_it(tmp_path, micro
               "eval": {"limit": 2, "batch_size": 2, "max_new_tokens": 4, "latency_clips": 1, "warmup": 0},
               "tracking": {"wandb": False}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    english = asr("validate", str(tmp_path / "r.yaml"), f"teacher={micro_teacher}")
-    assert english.returncode == 2 and english.stderr.startswith(
-        f"error: data.real_eval: {micro_teacher} does not transcribe it (English-only or without that language)")
+    for command, extra in {"validate": [], "run": ["--run-dir", str(tmp_path / "en")]}.items():
+        english = asr(command, str(tmp_path / "r.yaml"), f"teacher={micro_teacher}", *extra)
+        assert english.returncode == 2 and english.stderr.startswith(
+            f"error: data.real_eval: {micro_teacher} does not transcribe it (English-only or without that language)")
+    assert not (tmp_path / "en").exists()  # refused before the run directory or any data
     run = tmp_path / "run"
     proc = asr("run", str(tmp_path / "r.yaml"), "--run-dir", str(run), timeout=900)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:])
