@@ -123,3 +123,12 @@ def test_readme_recipe_costs_are_the_recipes_own():
     rows = dict(re.findall(r"^\| `([\w-]+)` \| .* \| ([^|]+) \|$", _readme_section("A short tour"), re.M))
     recipes = {name: load_recipe(path).cost for name, path in builtin_recipes().items()}
     assert {name: cost.strip() for name, cost in rows.items() if name in recipes} == recipes
+
+
+def test_readme_names_only_tests_that_exist():
+    """The reliability table points at the test behind each behaviour; a renamed test must not leave it dangling."""
+    readme, tests = (REPO / "README.md").read_text(), REPO / "tests"
+    defined = {m for p in tests.glob("test_*.py") for m in re.findall(r"^def (test_\w+)", p.read_text(), re.M)}
+    named = set(re.findall(r"`(?:test_\w+::)?(test_\w+)`", readme)) | set(re.findall(r"::(test_\w+)`", readme))
+    named -= {p.stem for p in tests.glob("test_*.py")}
+    assert named and not named - defined, sorted(named - defined)
