@@ -193,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     pseudo.set_defaults(func=_pseudo_label)
 
     bench = sub.add_parser("bench", help="WER/CER of models on datasets")
-    bench.add_argument("--model", action="append", required=True, help="registry name, HF dir or hub id")
+    bench.add_argument("--model", action="append", required=True,
+                       help="registry name, HF dir or hub id; latency ratios are against the first, unless a "
+                            "model's pruning.json names another benchmarked teacher")
     bench.add_argument("--data", action="append", required=True, help="audiofolder dir or hub dataset")
     bench.add_argument("--out", required=True)
     bench.add_argument("--limit", type=int)
