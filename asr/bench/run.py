@@ -147,7 +147,7 @@ def token_cap(tokenizer, samples, floor: int, window: int) -> int:
 
 
 def bench_one(engine, processor, model, label: str, samples, opts: BenchOptions, out_dir: Path,
-              encoder_memo: dict | None = None, latency: bool = True) -> dict:
+              encoder_memo: dict | None = None, latency: bool = True, stats: SkipStats | None = None) -> dict:
     """One (model, dataset) record: accuracy, latency, and the optional streaming / speculative figures.
 
     With `encoder_memo` (shared only among models with identical encoder weights) the accuracy pass reuses
@@ -158,7 +158,7 @@ def bench_one(engine, processor, model, label: str, samples, opts: BenchOptions,
     with tqdm(total=len(samples), desc=f"{engine.name} on {label}: WER", unit="clip") as bar:
         hyps = transcribe(accuracy_engine, processor, samples, opts.batch_size, cap, progress=bar.update)
     record, clips = score(engine.name, label, samples, hyps)
-    record["max_new_tokens"] = cap
+    record.update(max_new_tokens=cap, skipped_clips=dict(stats.counts) if stats is not None else {})
     with open(out_dir / f"clips-{engine.name}-{label}.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in clips)
     timed = samples[:opts.latency_clips]
@@ -208,8 +208,8 @@ def run_bench(models: Sequence[str], datasets: Sequence[str], out_dir: Path, opt
         encoder = weights_fingerprint(model.model.encoder)
         for label, samples, stats in loaded:
             memo = memos.setdefault((encoder, label), {}) if opts.engine == "hf" else None
-            records.append(bench_one(engine, processor, model, label, samples, opts, out_dir, memo, latency=False)
-                           | {"skipped_clips": dict(stats.counts)})
+            records.append(bench_one(engine, processor, model, label, samples, opts, out_dir, memo, latency=False,
+                                     stats=stats))
         if opts.assistant is not None and engine.name == teachers[engine.name]:
             from asr.bench.speculative import speculative_check
 

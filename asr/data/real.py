@@ -62,9 +62,10 @@ def drop_reason(text: str, min_words: int) -> str | None:
     return None
 
 
-def real_source(language: str, config_path: str | Path | None = None) -> dict[str, Any]:
-    """The definition of a language's real recordings; the blind-test languages and unknown ones are refused."""
-    sources = load_real_config(config_path)["languages"]
+def real_source(language: str, cfg: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The definition of a language's real recordings (in `cfg`, default data/real.yaml); the blind-test languages
+    and unknown ones are refused."""
+    sources = (cfg or load_real_config())["languages"]
     if language in BLIND_TEST:
         raise AsrError(f"real language {language}: Debian's asterisk-core-sounds-{language} is the project's blind test "
                        f"and is never used; choose one of {', '.join(sources)}")
@@ -73,9 +74,14 @@ def real_source(language: str, config_path: str | Path | None = None) -> dict[st
     return sources[language]
 
 
+def is_real(ref: str) -> bool:
+    """A folder of real recordings made by `asr data real`: reported apart from synthetic speech, never trained on."""
+    return (Path(ref).expanduser() / MANIFEST).is_file()
+
+
 def refuse_for_training(ref: str, use: str) -> None:
     """Real recordings are for evaluation only: a folder `asr data real` wrote is refused for training or labels."""
-    if (Path(ref).expanduser() / MANIFEST).is_file():
+    if is_real(ref):
         raise AsrError(f"{ref}: real recordings (made by `asr data real`) are for evaluation only; do not use them "
                        f"for {use}: put them in data.eval or data.real_eval")
 
@@ -88,7 +94,7 @@ def build_real(language: str, out: Path, config_path: str | Path | None = None, 
 
     started = time.monotonic()
     cfg = load_real_config(config_path)
-    src = real_source(language, config_path)
+    src = real_source(language, cfg)
     audio_dir, transcripts = Path(src["audio"]), Path(src["transcripts"])
     if not audio_dir.is_dir() or not transcripts.is_file():
         raise AsrError(f"{audio_dir if not audio_dir.is_dir() else transcripts}: missing; install the Debian packages "

@@ -33,11 +33,10 @@ def save_whisper(model, path: Path, processor=None, state_dict: dict[str, torch.
     model.save_pretrained(path, state_dict=state_dict)
     if processor is not None:
         save_processor(processor, path)
-    umask = os.umask(0)
-    os.umask(umask)
+    mode = (Path(path) / "config.json").stat().st_mode & 0o777  # written with open(): as the umask allows
     for file in Path(path).iterdir():
         if file.is_file():
-            file.chmod(0o666 & ~umask)
+            file.chmod(mode)
 
 
 def load_whisper(ref: str, dtype: torch.dtype = torch.float32):

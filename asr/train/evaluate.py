@@ -16,7 +16,7 @@ from asr.infer.engines import HfEngine
 from asr.bench.outputs import log_to_wandb, markdown_table, plot_wer_vs_latency
 from asr.bench.run import BenchOptions, add_ratios, bench_one, interleaved_latency, load_eval_samples
 from asr.config import Recipe
-from asr.data.real import MANIFEST as REAL_MANIFEST
+from asr.data.real import is_real
 from asr.models.loading import load_processor, load_whisper, weights_fingerprint
 
 
@@ -62,8 +62,8 @@ class CheckpointBench:
             for label, samples, stats in self.datasets:
                 memo = self.memos.setdefault((encoder, label), {})
                 record = bench_one(engine, processor, model, label, samples, self.opts, self.out, memo,
-                                   latency=False)
-                record.update(step=step, path=model_dir, skipped_clips=dict(stats.counts), real_speech=self.real[label],
+                                   latency=False, stats=stats)
+                record.update(step=step, path=model_dir, real_speech=self.real[label],
                               **self._latency(engine, processor, samples, label))
                 rows.append(record)
         finally:
@@ -148,11 +148,6 @@ def with_paired_teacher(records: list[dict]) -> list[dict]:
                                   else value for key, value in paired[0].items()}
             teacher["latency"]["paired_timings"] = len(paired)
     return records
-
-
-def is_real(ref: str) -> bool:
-    """A folder of real human recordings (made by `asr data real`), reported apart from synthetic speech."""
-    return (Path(ref) / REAL_MANIFEST).is_file()
 
 
 def _mean(rows: list[dict], key: str) -> float:
