@@ -24,10 +24,12 @@ PACKAGES = ("asr-distill", "torch", "transformers", "deepspeed", "datasets", "ji
 
 
 def synth_dataset(spec: SynthConfig) -> str:
-    """Build (once, cached) a synthetic split and return its directory."""
-    from asr.data.synth import build_corpus
+    """Build (once, cached) a synthetic split and return its directory; the name carries the corpus yaml's
+    hash, so editing voices, texts or augmentation builds afresh instead of reusing a stale set."""
+    from asr.data.synth import build_corpus, load_synth_config
 
-    name = f"{spec.split}-n{spec.num}-s{spec.seed}-{'-'.join(spec.languages)}"
+    digest = load_synth_config()["_sha256"][:8]
+    name = f"{spec.split}-n{spec.num}-s{spec.seed}-{'-'.join(spec.languages)}-c{digest}"
     out = cache_dir() / "synth" / name
     if not (out / "metadata.csv").is_file() or len((out / "metadata.csv").read_text().splitlines()) <= spec.num:
         build_corpus(out, split=spec.split, num=spec.num, seed=spec.seed, languages=tuple(spec.languages))
@@ -99,7 +101,9 @@ def resolve_data(recipe: Recipe) -> Recipe:
     check_recipe(recipe)
     data = recipe.data
     train = data.train + ([synth_dataset(data.synth_train)] if data.synth_train else [])
-    evals = data.eval + ([synth_dataset(data.synth_eval)] if data.synth_eval else []) \
+    synth_evals = [dataclasses.replace(data.synth_eval, languages=[lang]) for lang in data.synth_eval.languages] \
+        if data.synth_eval else []  # one eval set per language, so each has its own WER column
+    evals = data.eval + [synth_dataset(spec) for spec in synth_evals] \
         + [real_dataset(language) for language in data.real_eval]
     labels = data.labels
     if data.pseudo_label is not None:

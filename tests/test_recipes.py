@@ -1,6 +1,7 @@
 """Recipes: schema errors name the key, overrides, ls/cp/validate, and the large recipes run scaled down."""
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -129,3 +130,20 @@ def test_large_recipes_run_two_steps_scaled_down(tmp_path, name, decoder_layers,
     assert ("kl" in rows[0]) == (name == "distil-large-v3")
     final = json.loads((run / "final" / "config.json").read_text())
     assert (final["encoder_layers"], final["decoder_layers"], final["num_mel_bins"]) == (32, decoder_layers, 128)
+
+
+def test_synthetic_eval_is_one_set_per_language_named_by_the_corpus_config(tmp_path, monkeypatch):
+    """Each language gets its own WER column; a build made under another synthetic.yaml is not reused."""
+    from asr.data.synth import load_synth_config
+    from asr.pipeline import resolve_data
+
+    monkeypatch.setenv("ASR_CACHE", str(tmp_path))
+    recipe = load_recipe("recipes/quickstart.yaml", [
+        "data.synth_train={split: test, num: 1, seed: 1, languages: [de]}",
+        "data.synth_eval={split: test, num: 2, seed: 1, languages: [de, fr]}", "data.real_eval=[]"])
+    data = resolve_data(recipe).data
+    digest = load_synth_config()["_sha256"][:8]
+    assert [p.rsplit("/", 1)[1] for p in data.eval] == [f"test-n2-s1-de-c{digest}", f"test-n2-s1-fr-c{digest}"]
+    assert data.train[0].endswith(f"test-n1-s1-de-c{digest}")
+    languages = [{row["language"] for row in csv.DictReader(open(f"{p}/metadata.csv"))} for p in data.eval]
+    assert languages == [{"de"}, {"fr"}]

