@@ -74,7 +74,7 @@ def _bench(args: argparse.Namespace) -> None:
     opts = BenchOptions(limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                         engine=args.engine, latency_clips=args.latency_clips, warmup=args.warmup,
                         threads=args.threads, streaming=args.streaming, chunk_ms=args.chunk_ms,
-                        overlap_ms=args.overlap_ms, assistant=args.assistant)
+                        overlap_ms=args.overlap_ms, assistant=args.assistant, fallback=args.fallback)
     run_bench(args.model, args.data, Path(args.out), opts)
 
 
@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--chunk-ms", type=int, default=300)
     bench.add_argument("--overlap-ms", type=int, default=0)
     bench.add_argument("--assistant", help="student model for speculative decoding of the teacher")
+    bench.add_argument("--fallback", action="store_true",
+                       help="also score with Whisper's temperature fallback (compression ratio > 2.4 or mean "
+                            "log-prob < -1 re-decodes at T=0.2..1.0), beside plain greedy; HF engine")
     bench.set_defaults(func=_bench)
 
     bench_tr = sub.add_parser("bench-train", help="training throughput: separate vs shared encoder vs cached teacher")

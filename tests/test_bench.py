@@ -141,3 +141,38 @@ def test_token_cap_covers_the_longest_reference_within_the_window():
     assert token_cap(tokenizer, [short], 64, 448) == 64  # short references keep the floor
     assert token_cap(tokenizer, [short, long], 64, 448) == 135  # ceil(1.25 x 101) + 8
     assert token_cap(tokenizer, [long] * 3, 64, 100) == 92  # never past the decoder's window
+
+
+def test_compression_ratio_flags_loops_not_speech():
+    from asr.infer.fallback import compression_ratio
+
+    assert compression_ratio("the cat sat on the mat " * 12) > 2.4 > compression_ratio(SENTENCES[0] + SENTENCES[1])
+    assert compression_ratio("") == 0.0
+
+
+def test_bench_fallback_leaves_the_teacher_alone_and_redecodes_a_broken_student(tmp_path):
+    """--fallback scores a second pass beside greedy, with its own repetition rate, so looping cannot hide."""
+    from asr.models.prune import prune_to_directory
+
+    folder = _flite_folder(tmp_path / "clips")
+    prune_to_directory("whisper-tiny.en", tmp_path / "pruned", decoder_keep=[0])
+
+    def bench(out, *extra):
+        return subprocess.run([sys.executable, "-m", "asr", "bench", "--model", "whisper-tiny.en", "--model",
+                               str(tmp_path / "pruned"), "--data", str(folder), "--out", str(out), "--latency-clips",
+                               "1", "--warmup", "0", "--max-new-tokens", "24", "--fallback", *extra],
+                              capture_output=True, text=True, timeout=600)
+
+    out = tmp_path / "bench"
+    proc = bench(out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    teacher, student = json.loads((out / "bench.json").read_text())
+    assert teacher["fallback"]["fallback_rate"] == 0.0 and teacher["fallback"]["wer"] == teacher["wer"]
+    assert student["wer"] > 0.5 and student["fallback"]["fallback_rate"] == 1.0  # garbage: low log-probs
+    assert {"wer", "repetition_rate", "capped_rate"} <= set(student["fallback"])
+    rows = (out / "clips-pruned+fallback-clips.jsonl").read_text()
+    assert len(rows.splitlines()) == 2 and "with temperature fallback: WER" in (out / "bench.md").read_text()
+    assert bench(tmp_path / "again").returncode == 0  # sampling is seeded: the same command, the same transcripts
+    assert (tmp_path / "again" / "clips-pruned+fallback-clips.jsonl").read_text() == rows
+    ct2 = bench(tmp_path / "ct2", "--engine", "ct2")
+    assert ct2.returncode == 2 and "Hugging Face engine only" in ct2.stderr and "Traceback" not in ct2.stderr

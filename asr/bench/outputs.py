@@ -30,7 +30,7 @@ def markdown_table(records: Sequence[dict]) -> str:
             f"{_num(lat.get('encoder_ms_p50'))} | {_num(lat.get('decoder_ms_per_token_p50'), '.2f')} | "
             f"{_num(lat.get('total_ms_p50'), '.0f')} / {_num(lat.get('total_ms_p95'), '.0f')} | "
             f"{_num(lat.get('rtfx'))} | {_num(lat.get('peak_rss_mb'), '.0f')} | {ratio} |")
-    extras = [_extra_line(r) for r in records if "streaming" in r or "speculative" in r]
+    extras = [_extra_line(r) for r in records if "streaming" in r or "speculative" in r or "fallback" in r]
     skipped = {r["dataset"]: r["skipped_clips"] for r in records if r.get("skipped_clips")}
     notes = [f"- {dataset}: {sum(counts.values())} clip(s) skipped while loading, not scored ("
              + ", ".join(f"{n} {reason}" for reason, n in counts.items()) + ")." for dataset, counts in skipped.items()]
@@ -52,6 +52,11 @@ def _extra_line(r: dict) -> str:
         parts.append(f"speculative decoding with {s['assistant']}: {s['identical']}/{s['n']} outputs identical to "
                      f"greedy, {s['greedy_ms_p50']:.0f} → {s['speculative_ms_p50']:.0f} ms p50 "
                      f"({s['speedup']:.2f}x, {s['tokens_per_teacher_call']:.2f} tokens per teacher call).")
+    if "fallback" in r:
+        f = r["fallback"]
+        parts.append(f"with temperature fallback: WER {_pct(f['wer'])} (greedy {_pct(r['wer'])}), repetition "
+                     f"{_pct(f['repetition_rate'])} (greedy {_pct(r.get('repetition_rate'))}), "
+                     f"{_pct(f['fallback_rate'])} of clips re-decoded.")
     return " ".join(parts)
 
 

@@ -20,6 +20,7 @@ from asr.bench.latency import measure_latency
 from asr.bench.physics import decoder_weights_per_token
 from asr.infer.repetition import repetition_rate
 from asr.bench.outputs import log_to_wandb, markdown_table, plot_wer_vs_latency
+from asr.infer.fallback import FallbackEngine
 from asr.infer.transcribe import transcribe
 from asr.infer.wer import error_rates, normalize
 from asr.data.loading import DatasetRef, SkipStats, iter_samples, open_dataset
@@ -42,6 +43,7 @@ class BenchOptions:
     chunk_ms: int = 300
     overlap_ms: int = 0
     assistant: str | None = None
+    fallback: bool = False  # also score with Whisper's temperature fallback (HF engine), beside plain greedy
 
 
 def load_eval_samples(data: str, limit: int | None) -> tuple[str, list, SkipStats]:
@@ -159,8 +161,9 @@ def bench_one(engine, processor, model, label: str, samples, opts: BenchOptions,
         hyps = transcribe(accuracy_engine, processor, samples, opts.batch_size, cap, progress=bar.update)
     record, clips = score(engine.name, label, samples, hyps)
     record.update(max_new_tokens=cap, skipped_clips=dict(stats.counts) if stats is not None else {})
-    with open(out_dir / f"clips-{engine.name}-{label}.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in clips)
+    write_clips(out_dir / f"clips-{engine.name}-{label}.jsonl", clips)
+    if opts.fallback:
+        record["fallback"] = fallback_pass(accuracy_engine, processor, model, label, samples, opts, cap, out_dir)
     timed = samples[:opts.latency_clips]
     if latency:
         [record["latency"]] = interleaved_latency([(engine, processor)], samples, label, opts)
@@ -173,6 +176,24 @@ def bench_one(engine, processor, model, label: str, samples, opts: BenchOptions,
         record["streaming"] = simulate_streaming(engine, processor, timed, opts.chunk_ms, opts.overlap_ms,
                                                  opts.max_new_tokens)
     return record
+
+
+def write_clips(path: Path, clips: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in clips)
+
+
+def fallback_pass(engine, processor, model, label: str, samples, opts: BenchOptions, cap: int, out_dir: Path) -> dict:
+    """The accuracy pass again under the temperature-fallback safeguard; its repetition rate is reported too,
+    so a safeguard cannot hide a looping student. Per-clip rows go to clips-<model>+fallback-<dataset>.jsonl,
+    for `benchmarks/paired_wer.py` against the greedy ones."""
+    safeguarded = FallbackEngine(engine, model, processor.tokenizer)
+    with tqdm(total=len(samples), desc=f"{engine.name} on {label}: WER with fallback", unit="clip") as bar:
+        hyps = transcribe(safeguarded, processor, samples, opts.batch_size, cap, progress=bar.update)
+    record, clips = score(f"{engine.name}+fallback", label, samples, hyps)
+    write_clips(out_dir / f"clips-{engine.name}+fallback-{label}.jsonl", clips)
+    keep = ("wer", "cer", "substitutions", "deletions", "insertions", "repetition_rate", "capped_rate")
+    return {**{k: record[k] for k in keep}, "fallback_rate": safeguarded.fallback_clips / max(safeguarded.clips, 1)}
 
 
 def add_ratios(records: list[dict], teachers: dict[str, str]) -> None:
@@ -193,6 +214,8 @@ def run_bench(models: Sequence[str], datasets: Sequence[str], out_dir: Path, opt
     """Benchmark models on datasets; writes bench.json, bench.md, bench.png and clips-<model>-<dataset>.jsonl."""
     opts = opts or BenchOptions()
     labels = model_labels(models)  # before any work: a clash would only surface when the records are joined
+    if opts.fallback and opts.engine != "hf":
+        raise AsrError("--fallback runs on the Hugging Face engine only; drop --engine ct2 or --fallback")
     torch.set_num_threads(opts.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -63,9 +63,10 @@ class HfEngine:
         # One generate pass, as for any <=30 s clip. Without force_unique_generate_call, Whisper's long-form loop
         # re-enters when a (collapsed) student ends a segment on a timestamp token, and then fails without
         # input_features (transformers 5.23). With it, the rows start with the prompt: cut it off.
-        ids = self.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=encoded), do_sample=False,
-                                  num_beams=1, max_new_tokens=max_new_tokens, force_unique_generate_call=True,
-                                  **self.language_kwargs(language), **generate_kwargs)
+        options = {"do_sample": False, "num_beams": 1, **generate_kwargs}  # greedy unless asked (the fallback)
+        ids = self.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=encoded),
+                                  max_new_tokens=max_new_tokens, force_unique_generate_call=True,
+                                  **self.language_kwargs(language), **options)
         prompt = len(prompt_ids(None, self.model.generation_config, language))
         return split_rows(ids[:, prompt:].tolist(), self.eos_token_id, max_new_tokens)
 
@@ -87,5 +88,5 @@ class MemoizedEncoder:
                 self.memo[keys[i]] = states
         return torch.stack([self.memo[k] for k in keys])
 
-    def decode(self, encoded, language: str, max_new_tokens: int) -> list[Decoded]:
-        return self.engine.decode(encoded, language, max_new_tokens)
+    def decode(self, encoded, language: str, max_new_tokens: int, **generate_kwargs) -> list[Decoded]:
+        return self.engine.decode(encoded, language, max_new_tokens, **generate_kwargs)
