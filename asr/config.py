@@ -37,6 +37,8 @@ class SynthConfig:
     num: int = 100
     seed: int = 0
     languages: list[str] = field(default_factory=lambda: ["en"])
+    # sentences per clip [low, high], one voice with pauses: several sentences share one 30 s encoder window
+    sentences: list[int] = field(default_factory=lambda: [1, 1])
 
 
 @dataclass
@@ -103,6 +105,9 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 0
     freeze_encoder: bool = True
+    # decoder token and position embeddings (the token matrix is also the tied output projection: 26.5M of
+    # a 2-layer whisper-base student's 35.2M decoder weights) stay the teacher's: fewer gradients and optimizer states
+    freeze_embeddings: bool = False
     cache_encoder: bool = True  # frozen encoder: compute its states once per clip and reuse them every epoch
     share_encoder: bool = True  # frozen identical encoders run once for teacher and student (false: each runs its own)
     zero_stage: Literal[0, 1, 2, 3] = 2

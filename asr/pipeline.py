@@ -29,10 +29,12 @@ def synth_dataset(spec: SynthConfig) -> str:
     from asr.data.synth import build_corpus, load_synth_config
 
     digest = load_synth_config()["_sha256"][:8]
-    name = f"{spec.split}-n{spec.num}-s{spec.seed}-{'-'.join(spec.languages)}-c{digest}"
+    packed = "" if spec.sentences == [1, 1] else f"-p{spec.sentences[0]}-{spec.sentences[1]}"
+    name = f"{spec.split}-n{spec.num}-s{spec.seed}-{'-'.join(spec.languages)}{packed}-c{digest}"
     out = cache_dir() / "synth" / name
     if not (out / "metadata.csv").is_file() or len((out / "metadata.csv").read_text().splitlines()) <= spec.num:
-        build_corpus(out, split=spec.split, num=spec.num, seed=spec.seed, languages=tuple(spec.languages))
+        build_corpus(out, split=spec.split, num=spec.num, seed=spec.seed, languages=tuple(spec.languages),
+                     sentences=(spec.sentences[0], spec.sentences[1]))
     return str(out)
 
 
@@ -70,6 +72,10 @@ def check_recipe(recipe: Recipe) -> None:
     data, cache = recipe.data, recipe.objective.teacher_cache
     if not (data.train or data.synth_train):
         raise AsrError("data.train is empty: name an audiofolder or hub dataset, or set data.synth_train")
+    for key, spec in (("synth_train", data.synth_train), ("synth_eval", data.synth_eval)):
+        if spec is not None and not (len(spec.sentences) == 2 and 1 <= spec.sentences[0] <= spec.sentences[1]):
+            raise AsrError(f"data.{key}.sentences must be [low, high] with 1 <= low <= high, e.g. [1, 4]; "
+                           f"got {spec.sentences}")
     if not (data.eval or data.synth_eval or data.real_eval):
         raise AsrError("data.eval is empty: name an audiofolder or hub dataset, or set data.synth_eval")
     if data.streaming and cache:

@@ -241,3 +241,18 @@ def test_fortunes_pools_are_clean_and_hold_out_a_tenth(lang):
 def test_latin1_festival_voice_refuses_text_it_cannot_read():
     with pytest.raises(SynthesisFailed, match="latin-1"):
         synthesize({"engine": "festival", "voice": "lp_diphone"}, "Привет, как дела у тебя сегодня?")
+
+
+def test_packed_clips_speak_several_sentences_in_one_voice_within_the_window(tmp_path):
+    summary = build_corpus(tmp_path / "p", "train", num=4, seed=5, workers=1, augment_fraction=0.0,
+                           sentences=(2, 3), progress=False)
+    pool = {s for s, _ in load_pools(CFG["splits"]["train"]["texts"]["en"], Path(CFG["_path"]).parent)}
+    rows = read_rows(tmp_path / "p")
+    assert summary["clips"] == 4 and len({r["voice"] for r in rows}) >= 2
+    for row in rows:
+        parts = [p for p in pool if p in row["transcription"]]
+        assert 2 <= len(parts) <= 3 and len(" ".join(parts)) == len(row["transcription"]), row["transcription"]
+        assert float(row["duration"]) <= CFG["max_duration_s"] - 1.0
+        assert_wav_ok(tmp_path / "p" / row["file_name"])
+    with pytest.raises(AsrError, match="1 <= low <= high"):
+        build_corpus(tmp_path / "x", "train", num=1, seed=5, sentences=(3, 2), progress=False)

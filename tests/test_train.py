@@ -166,3 +166,16 @@ def test_streaming_data_resumes_on_the_same_curve(tmp_path, speech_folder, micro
     state = torch.load(split / "checkpoints" / "step-000002" / "ds" / "mp_rank_00_model_states.pt",
                        map_location="cpu", weights_only=False)
     assert state["data"] == [{"epoch": 1, "rows": 1, "step": 2}] * 2
+
+
+def test_frozen_embeddings_stay_the_teachers_and_the_layers_train(tmp_path, speech_folder, micro_teacher):
+    """train.freeze_embeddings: token/position embeddings (and the tied output projection) are not trained."""
+    run = tmp_path / "frozen"
+    asr_run(write_recipe(tmp_path / "frozen.yaml", str(micro_teacher), speech_folder, objective={"method": "kd"},
+                         train={"freeze_embeddings": True, "max_steps": 2, "save_every": 2},
+                         tracking={"wandb": False}), run)
+    teacher, final = load_whisper(str(micro_teacher)), load_whisper(str(run / "final"))
+    for name in ("embed_tokens", "embed_positions"):
+        assert torch.equal(getattr(final.model.decoder, name).weight, getattr(teacher.model.decoder, name).weight)
+    assert torch.equal(final.proj_out.weight, teacher.proj_out.weight)
+    assert not torch.equal(final.model.decoder.layers[0].fc1.weight, teacher.model.decoder.layers[0].fc1.weight)

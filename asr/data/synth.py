@@ -33,6 +33,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "data" / "synthetic.yaml"
 SPLITS = ("train", "test")
 COLUMNS = ["file_name", "transcription", "language", "voice", "voice_params", "source", "augment", "duration"]
 MANIFEST = "synth.json"
+PAUSE_S = (0.2, 0.8)  # silence between the sentences of a multi-sentence clip
 FilterFn = Callable[[np.ndarray, str], bool]
 
 
@@ -80,6 +81,7 @@ class _Job:
     voices: dict[str, list[dict[str, Any]]]
     pools: dict[str, list[tuple[str, str]]]
     filter_fn: FilterFn | None = None
+    sentences: tuple[int, int] = (1, 1)  # sentences per clip, drawn uniformly: one voice, pauses between
 
     @property
     def sample_rate(self) -> int:
@@ -98,9 +100,14 @@ def _plan_clip(job: _Job, index: int, attempt: int) -> tuple[dict[str, Any], np.
     for key in ("rate", "pitch"):
         if key in entry:
             spec[key] = round(float(rng.uniform(*entry[key])), 2)
-    text, source = job.pools[lang][int(rng.integers(len(job.pools[lang])))]
+    pool = job.pools[lang]
+    low, high = job.sentences
+    count = low if low == high else int(rng.integers(low, high + 1))  # no draw at (1, 1): one-sentence builds
+    drawn = [pool[int(rng.integers(len(pool)))] for _ in range(count)]  # stay byte-identical to earlier ones
+    pauses = [round(float(rng.uniform(*PAUSE_S)), 2) for _ in drawn[1:]]
     augment = bool(rng.random() < job.augment_fraction)
-    plan = {"index": index, "lang": lang, "spec": spec, "text": text, "source": source, "augment": augment}
+    plan = {"index": index, "lang": lang, "spec": spec, "texts": [t for t, _ in drawn], "pauses": pauses,
+            "source": " ".join(dict.fromkeys(src for _, src in drawn)), "augment": augment}
     return plan, rng
 
 
@@ -109,11 +116,27 @@ def _peak_normalize(audio: np.ndarray, peak: float = 0.9) -> np.ndarray:
     return (audio * (peak / top)).astype(np.float32) if top > 1e-6 else audio
 
 
+def _speak(job: _Job, plan: dict[str, Any]) -> np.ndarray:
+    """The clip's sentences in one voice, each peak-normalized, with the planned pauses between them. Sentences
+    that would push the clip past max_duration_s (less room for augmentation) are left out, and so is their text."""
+    limit = (float(job.cfg.get("max_duration_s", 30.0)) - 1.0) * job.sample_rate
+    parts: list[np.ndarray] = []
+    for i, text in enumerate(plan["texts"]):
+        speech = _peak_normalize(synthesize(plan["spec"], text, job.sample_rate))
+        pause = np.zeros(int(plan["pauses"][i - 1] * job.sample_rate), dtype=np.float32) if i else speech[:0]
+        if i and sum(map(len, parts)) + len(pause) + len(speech) > limit:
+            plan["texts"] = plan["texts"][:i]
+            break
+        parts += [pause, speech]
+    plan["text"] = " ".join(plan["texts"])
+    return np.concatenate(parts)
+
+
 def _attempt(job: _Job, plan: dict[str, Any], rng: np.random.Generator) -> tuple[np.ndarray, str] | str:
     """One try at a clip: its final audio and augmentation description, or the reason it was rejected."""
     cfg = job.cfg
     try:
-        audio = _peak_normalize(synthesize(plan["spec"], plan["text"], job.sample_rate))
+        audio = _speak(job, plan)
     except SynthesisFailed:
         return "tts_failed"
     if float(np.sqrt(np.mean(audio**2))) < float(cfg.get("min_rms", 0.01)):
@@ -239,7 +262,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def _prepare_job(out: Path, split: str, seed: int, languages: Sequence[str], augment_fraction: float | None,
-                 filter_fn: FilterFn | None, config_path: str | Path | None, workers: int) -> _Job:
+                 filter_fn: FilterFn | None, config_path: str | Path | None, workers: int,
+                 sentences: tuple[int, int] = (1, 1)) -> _Job:
     """Validate the request against the yaml, check every voice's engine, and load the text pools."""
     if split not in SPLITS:
         raise AsrError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
@@ -252,6 +276,8 @@ def _prepare_job(out: Path, split: str, seed: int, languages: Sequence[str], aug
                            f"available: {', '.join(sorted(split_cfg['texts']))}")
         for voice in voices[lang]:
             check_voice(voice)
+    if not 1 <= sentences[0] <= sentences[1]:
+        raise AsrError(f"sentences per clip must be [low, high] with 1 <= low <= high, got {list(sentences)}")
     fraction = float(split_cfg.get("augment_fraction", 0.0) if augment_fraction is None else augment_fraction)
     if not 0.0 <= fraction <= 1.0:
         raise AsrError(f"augment_fraction must be in [0, 1], got {fraction}")
@@ -268,7 +294,7 @@ def _prepare_job(out: Path, split: str, seed: int, languages: Sequence[str], aug
         pools[lang] = load_pools(split_cfg["texts"][lang], base_dir, exclude=held_out)
         if not pools[lang]:
             raise AsrError(f"the {split} text pool for {lang!r} is empty; check the sources in {cfg['_path']}")
-    return _Job(out, split, seed, languages, fraction, cfg, voices, pools, filter_fn)
+    return _Job(out, split, seed, languages, fraction, cfg, voices, pools, filter_fn, tuple(sentences))
 
 
 def _start_output(job: _Job, num: int, workers: int) -> tuple[dict[str, Any], dict[int, dict[str, str]]]:
@@ -276,6 +302,8 @@ def _start_output(job: _Job, num: int, workers: int) -> tuple[dict[str, Any], di
     out, manifest_path, meta_path = job.out_dir, job.out_dir / MANIFEST, job.out_dir / "metadata.csv"
     params = {"split": job.split, "seed": job.seed, "languages": list(job.languages),
               "augment_fraction": job.augment_fraction, "config_sha256": job.cfg["_sha256"]}
+    if job.sentences != (1, 1):
+        params["sentences"] = list(job.sentences)
     if manifest_path.is_file():
         previous = json.loads(manifest_path.read_text()).get("params", {})
         if previous != params:
@@ -298,18 +326,20 @@ def _start_output(job: _Job, num: int, workers: int) -> tuple[dict[str, Any], di
 def build_corpus(out_dir: str | Path, split: str, num: int, seed: int, workers: int = 2,
                  languages: Sequence[str] = ("en",), augment_fraction: float | None = None,
                  filter_fn: FilterFn | None = None, config_path: str | Path | None = None,
-                 progress: bool = True) -> dict[str, Any]:
+                 progress: bool = True, sentences: tuple[int, int] = (1, 1)) -> dict[str, Any]:
     """Write `num` clips of `split` as an audiofolder (out_dir/metadata.csv + out_dir/audio/*.wav, 16 kHz mono
     s16); same seed -> same bytes. Resumes into an existing build; returns (and prints) a summary.
 
     filter_fn(audio_16k, text) -> keep runs inside the workers (make it picklable; load models lazily);
     rejected clips are re-drawn with another voice and text. augment_fraction None takes the yaml's value.
+    sentences=(lo, hi): each clip speaks lo..hi sentences in one voice with pauses (up to max_duration_s), so one
+    30 s encoder window carries several sentences' supervision instead of one sentence and padding.
     """
     start = time.monotonic()
     if num < 1:
         raise AsrError(f"--num must be at least 1, got {num}")
     out = Path(out_dir)
-    job = _prepare_job(out, split, seed, languages, augment_fraction, filter_fn, config_path, workers)
+    job = _prepare_job(out, split, seed, languages, augment_fraction, filter_fn, config_path, workers, sentences)
     manifest, rows = _start_output(job, num, workers)
     resumed, todo = len(rows), [i for i in range(num) if i not in rows]
     skipped, redrawn = Counter(), Counter()

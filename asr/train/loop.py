@@ -95,6 +95,9 @@ class Trainer:
             self.teacher.requires_grad_(False)
         if r.train.freeze_encoder:
             student.model.encoder.requires_grad_(False)
+        if r.train.freeze_embeddings:
+            student.model.decoder.embed_tokens.requires_grad_(False)
+            student.model.decoder.embed_positions.requires_grad_(False)
         self.shared_encoder = r.train.freeze_encoder and r.train.share_encoder and (
             self.teacher is None or same_encoder(student, self.teacher))
         return student
