@@ -66,6 +66,10 @@ class DataConfig:
     train_limit: int | None = None
     language: str = "en"  # used when a dataset has no language column
     max_label_tokens: int = 200
+    # share of training samples with timestamped targets / a previous-text prompt (Whisper's long-form needs
+    # both); unset: distil-whisper's 0.2 where a clip's sentences are timed (`asr data synth` writes them), else 0
+    timestamp_probability: float | None = None
+    condition_on_prev_probability: float | None = None
     streaming: bool = False  # train reading the data as it goes (hub scale); checkpoints keep the position
     labels: Literal["gold", "pseudo"] = "gold"  # pseudo: train on the `pseudo_label` column (`asr pseudo-label`)
     pseudo_label: PseudoLabelConfig | None = None  # set: pseudo-label data.train first (implies labels: pseudo)

@@ -25,10 +25,10 @@ PACKAGES = ("asr-distill", "torch", "transformers", "deepspeed", "datasets", "ji
 
 def synth_dataset(spec: SynthConfig) -> str:
     """Build (once, cached) a synthetic split and return its directory; the name carries the corpus yaml's
-    hash, so editing voices, texts or augmentation builds afresh instead of reusing a stale set."""
-    from asr.data.synth import build_corpus, load_synth_config
+    hash and the builder's format, so editing voices, texts or augmentation builds afresh, not a stale set."""
+    from asr.data.synth import build_corpus, corpus_digest, load_synth_config
 
-    digest = load_synth_config()["_sha256"][:8]
+    digest = corpus_digest(load_synth_config())
     packed = "" if spec.sentences == [1, 1] else f"-p{spec.sentences[0]}-{spec.sentences[1]}"
     name = f"{spec.split}-n{spec.num}-s{spec.seed}-{'-'.join(spec.languages)}{packed}-c{digest}"
     out = cache_dir() / "synth" / name
@@ -72,6 +72,13 @@ def check_recipe(recipe: Recipe) -> None:
     data, cache = recipe.data, recipe.objective.teacher_cache
     if not (data.train or data.synth_train):
         raise AsrError("data.train is empty: name an audiofolder or hub dataset, or set data.synth_train")
+    for key in ("timestamp_probability", "condition_on_prev_probability"):
+        value = getattr(data, key)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise AsrError(f"data.{key} must be between 0 and 1, got {value}")
+        if value and cache:
+            raise AsrError(f"data.{key}={value} changes what the teacher reads, but objective.teacher_cache replays "
+                           f"targets computed without it; set data.{key}=0 or objective.teacher_cache=false")
     for key, spec in (("synth_train", data.synth_train), ("synth_eval", data.synth_eval)):
         if spec is not None and not (len(spec.sentences) == 2 and 1 <= spec.sentences[0] <= spec.sentences[1]):
             raise AsrError(f"data.{key}.sentences must be [low, high] with 1 <= low <= high, e.g. [1, 4]; "

@@ -130,3 +130,62 @@ def test_labels_mask_prefix_and_padding_and_teacher_forcing_gives_low_loss(speec
     misaligned = batch["decoder_input_ids"][0].masked_fill(batch["labels"][0] == IGNORE_INDEX, IGNORE_INDEX)
     assert ce(batch["labels"][0]) < 0.5  # the real teacher on clean speech: labels line up with its predictions
     assert ce(misaligned) > 5.0  # an off-by-one layout would not
+
+
+def test_timestamped_and_prompted_layout_masks_the_prompt_and_the_teacher_reads_it(speech):
+    """The long-form layout (issue 16): timestamps around each timed sentence, no <|notimestamps|>, and a
+    previous-text prompt that the loss never covers; the real teacher, teacher-forced, predicts it well."""
+    from asr.data.features import LayoutPolicy, label_layout, timestamp_token
+
+    processor, model = load_processor("whisper-base"), load_whisper("whisper-base")
+    tok, gen = processor.tokenizer, model.generation_config
+    audio = sf.read(speech, dtype="float32")[0]
+    text, duration = "Please close the door when you leave.", len(audio) / 16000
+    sample = Sample("a", audio, text, "en", segments=[(0.0, round(duration, 2), text)])
+    plain = encode_sample(sample, processor, gen)
+    both = encode_sample(sample, processor, gen, timestamped=True, previous="It is cold outside today.")
+    prev_ids = tok(" It is cold outside today.", add_special_tokens=False).input_ids
+    head = [gen.prev_sot_token_id, *prev_ids, *prompt_ids(tok, gen, "en")[:-1]]
+    assert both.decoder_input_ids[:len(head)] == head and gen.no_timestamps_token_id not in both.decoder_input_ids
+    assert both.labels[:len(head) - 1] == [IGNORE_INDEX] * (len(head) - 1)
+    supervised = [t for t in both.labels if t != IGNORE_INDEX]
+    assert supervised[0] == timestamp_token(gen, 0.0) and supervised[-2] == timestamp_token(gen, duration)
+    assert [t for t in supervised if t < gen.no_timestamps_token_id] == [t for t in plain.labels if t >= 0]
+    assert timestamp_token(gen, 1.2) == gen.no_timestamps_token_id + 61 and timestamp_token(gen, 99) == \
+        gen.no_timestamps_token_id + 1501
+    prompted = label_layout(tok, gen, text, "en", previous="It is cold outside today.")[1]
+    assert [t for t in prompted if t != IGNORE_INDEX] == [t for t in plain.labels if t != IGNORE_INDEX]
+    with torch.no_grad():
+        logits = model(input_features=torch.from_numpy(both.input_features)[None],
+                       decoder_input_ids=torch.tensor([both.decoder_input_ids])).logits[0]
+    labels = torch.tensor(both.labels)
+    text_positions = (labels >= 0) & (labels < gen.no_timestamps_token_id)
+    assert torch.nn.functional.cross_entropy(logits[text_positions], labels[text_positions]).item() < 0.5
+    first = logits[labels == timestamp_token(gen, 0.0)][0, gen.no_timestamps_token_id + 1:]  # as generate does
+    assert first.argmax().item() <= 50  # with <|notimestamps|> suppressed, it opens within the first second
+
+
+def test_layout_policy_defaults_to_distil_whispers_rates_only_where_times_are_known():
+    from asr.data.features import LayoutPolicy
+
+    timed = [Sample(f"c{i}", np.zeros(1), "a b", "en", segments=[(0.0, 1.0, "a b")]) for i in range(2000)]
+    untimed = [Sample(f"c{i}", np.zeros(1), "a b", "en") for i in range(2000)]
+    draws = [LayoutPolicy().draw(s, "earlier text") for s in timed]
+    assert 0.17 < np.mean([ts for ts, _ in draws]) < 0.23 and 0.17 < np.mean([p is not None for _, p in draws]) < 0.23
+    assert not any(ts or p for ts, p in (LayoutPolicy().draw(s, "earlier text") for s in untimed))
+    assert all(LayoutPolicy(1.0, 1.0).draw(s, "x") == (True, "x") for s in timed[:50])
+    assert all(LayoutPolicy(1.0, 1.0).draw(s, "x") == (False, "x") for s in untimed[:50])  # no times, no stamps
+    assert draws == [LayoutPolicy().draw(s, "earlier text") for s in timed]  # fixed per sample id
+
+
+@pytest.mark.parametrize("value, ok", [
+    ('[[0.1, 1.0, "a b"], [1.5, 2.0, "c"]]', True),
+    ('[[0.1, 1.0, "a b"], [0.5, 2.0, "c"]]', False),  # overlapping
+    ('[[0.1, 1.0, "a b"], [1.5, 9.0, "c"]]', False),  # past the audio
+    ('[[0.1, 1.0, "a b"]]', False),  # does not spell the transcript
+    ("not json", False), ("", False),
+])
+def test_segments_column_is_used_only_when_consistent(value, ok):
+    from asr.data.loading import timed_segments
+
+    assert (timed_segments(value, "a b c", 3.0) is not None) == ok

@@ -134,7 +134,7 @@ def test_large_recipes_run_two_steps_scaled_down(tmp_path, name, decoder_layers,
 
 def test_synthetic_eval_is_one_set_per_language_named_by_the_corpus_config(tmp_path, monkeypatch):
     """Each language gets its own WER column; a build made under another synthetic.yaml is not reused."""
-    from asr.data.synth import load_synth_config
+    from asr.data.synth import corpus_digest, load_synth_config
     from asr.pipeline import resolve_data
 
     monkeypatch.setenv("ASR_CACHE", str(tmp_path))
@@ -142,7 +142,7 @@ def test_synthetic_eval_is_one_set_per_language_named_by_the_corpus_config(tmp_p
         "data.synth_train={split: test, num: 1, seed: 1, languages: [de]}",
         "data.synth_eval={split: test, num: 2, seed: 1, languages: [de, fr]}", "data.real_eval=[]"])
     data = resolve_data(recipe).data
-    digest = load_synth_config()["_sha256"][:8]
+    digest = corpus_digest(load_synth_config())
     assert [p.rsplit("/", 1)[1] for p in data.eval] == [f"test-n2-s1-de-c{digest}", f"test-n2-s1-fr-c{digest}"]
     assert data.train[0].endswith(f"test-n1-s1-de-c{digest}")
     languages = [{row["language"] for row in csv.DictReader(open(f"{p}/metadata.csv"))} for p in data.eval]

@@ -13,6 +13,7 @@ import soundfile as sf
 import yaml
 
 from asr.data import augment
+from asr.data.loading import timed_segments
 from asr.data.synth import COLUMNS, build_corpus, load_synth_config
 from asr.data.texts import clean_sentence, load_pool, load_pools
 from asr.data.tts import SynthesisFailed, check_voice, expand_voices, synthesize, voice_id
@@ -208,7 +209,7 @@ def test_reverb_and_random_chain_are_seeded():
     speech = synthesize({"engine": "flite", "voice": "kal16"}, SENTENCE, SR)
     policy = CFG["augment"]
     runs = [augment.random_augment(speech, SR, np.random.default_rng(7), policy) for _ in range(2)]
-    assert runs[0][1] == runs[1][1] and np.array_equal(runs[0][0], runs[1][0]) and runs[0][1]
+    assert runs[0][1:] == runs[1][1:] and np.array_equal(runs[0][0], runs[1][0]) and runs[0][1]
     wet = augment.reverb(speech, SR, 0.5, 0.4, np.random.default_rng(0))
     assert len(wet) == len(speech) + SR // 4 and np.abs(wet[len(speech):]).max() > 1e-3
 
@@ -254,5 +255,28 @@ def test_packed_clips_speak_several_sentences_in_one_voice_within_the_window(tmp
         assert 2 <= len(parts) <= 3 and len(" ".join(parts)) == len(row["transcription"]), row["transcription"]
         assert float(row["duration"]) <= CFG["max_duration_s"] - 1.0
         assert_wav_ok(tmp_path / "p" / row["file_name"])
+        segments = timed_segments(row["segments"], row["transcription"], float(row["duration"]))
+        assert segments is not None and len(segments) == len(parts)  # timed, in order, inside the clip
+        audio, _ = sf.read(tmp_path / "p" / row["file_name"], dtype="float32")
+        for (_, end, _), (start, _, _) in zip(segments, segments[1:]):  # the pauses between sentences are quiet
+            gap = audio[int(end * SR) + 160:int(start * SR) - 160]
+            assert len(gap) > 0.1 * SR and np.abs(gap).max() < 0.05, (row["file_name"], end, start)
     with pytest.raises(AsrError, match="1 <= low <= high"):
         build_corpus(tmp_path / "x", "train", num=1, seed=5, sentences=(3, 2), progress=False)
+
+
+def test_segment_times_follow_a_speed_change(tmp_path):
+    cfg = yaml.safe_load(Path(CFG["_path"]).read_text())
+    cfg["augment"] = {"speed": {"p": 1.0, "factor": [0.8, 0.8]}}
+    (tmp_path / "texts").symlink_to(Path(CFG["_path"]).parent / "texts")
+    (tmp_path / "slow.yaml").write_text(yaml.safe_dump(cfg))
+    build_corpus(tmp_path / "s", "train", num=2, seed=4, workers=1, augment_fraction=1.0, sentences=(2, 2),
+                 config_path=tmp_path / "slow.yaml", progress=False)
+    for row in read_rows(tmp_path / "s"):
+        assert row["augment"] == "speed=0.80"
+        segments = timed_segments(row["segments"], row["transcription"], float(row["duration"]))
+        audio, _ = sf.read(tmp_path / "s" / row["file_name"], dtype="float32")
+        (_, end, _), (start, _, _) = segments
+        gap = audio[int(end * SR) + 160:int(start * SR) - 160]  # unscaled times would land inside the speech
+        assert len(gap) > 0.2 * SR and np.abs(gap).max() < 0.05
+        assert np.abs(audio[int(start * SR):int(start * SR) + 1600]).max() > 0.1  # speech starts on the stamp

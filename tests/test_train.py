@@ -3,6 +3,7 @@ checkpoint → resume gives the same loss curve, consolidated students keep froz
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -179,3 +180,21 @@ def test_frozen_embeddings_stay_the_teachers_and_the_layers_train(tmp_path, spee
         assert torch.equal(getattr(final.model.decoder, name).weight, getattr(teacher.model.decoder, name).weight)
     assert torch.equal(final.proj_out.weight, teacher.proj_out.weight)
     assert not torch.equal(final.model.decoder.layers[0].fc1.weight, teacher.model.decoder.layers[0].fc1.weight)
+
+
+def test_kd_trains_on_timestamped_and_prompted_targets(tmp_path, micro_teacher):
+    """Packed synthetic clips carry sentence times; with both probabilities at 1 every sample is timestamped
+    and prompted with the previous one's text, for the student and (the same input) the live teacher."""
+    from asr.data.synth import build_corpus
+
+    build_corpus(tmp_path / "packed", "train", num=4, seed=2, workers=1, augment_fraction=0.0, sentences=(2, 2),
+                 progress=False)
+    run = tmp_path / "ts"
+    asr_run(write_recipe(tmp_path / "ts.yaml", str(micro_teacher), tmp_path / "packed", objective={"method": "kd"},
+                         data={"timestamp_probability": 1.0, "condition_on_prev_probability": 1.0,
+                               "max_label_tokens": 440},
+                         train={"max_steps": 2, "save_every": 2}, tracking={"wandb": False}), run)
+    rows = losses(run)
+    assert len(rows) == 2 and all(math.isfinite(r["kl"]) and r["kl"] > 0 for r in rows)
+    summary = json.loads((run / "train-summary.json").read_text())
+    assert summary["label_layout_rank0"] == {"examples": 2, "timestamped": 2, "prompted": 1}  # first has no previous

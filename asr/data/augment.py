@@ -101,10 +101,12 @@ def reverb(audio: np.ndarray, sample_rate: int, rt60_s: float, wet: float, rng: 
 
 
 def random_augment(audio: np.ndarray, sample_rate: int, rng: np.random.Generator,
-                   policy: dict[str, Any]) -> tuple[np.ndarray, str]:
-    """Apply a random chain of effects drawn from `policy` (the yaml `augment` block); returns the audio
-    and a description such as `speed=0.94 reverb=0.41s noise=pink@12.3dB`."""
+                   policy: dict[str, Any]) -> tuple[np.ndarray, str, float]:
+    """Apply a random chain of effects drawn from `policy` (the yaml `augment` block); returns the audio,
+    a description such as `speed=0.94 reverb=0.41s noise=pink@12.3dB`, and the factor by which times within
+    the clip moved (1 / speed), so timestamps can follow."""
     done: list[str] = []
+    time_scale = 1.0
     order = ("speed", "pitch", "reverb", "noise", "telephone")
     picked = {name for name in order if policy.get(name) and rng.random() < policy[name].get("p", 0.0)}
     if not picked and policy.get("noise"):
@@ -113,6 +115,7 @@ def random_augment(audio: np.ndarray, sample_rate: int, rng: np.random.Generator
         factor = round(float(rng.uniform(*policy["speed"]["factor"])), 2)
         audio = change_speed(audio, sample_rate, factor)
         done.append(f"speed={factor:.2f}")
+        time_scale = 1.0 / factor
     if "pitch" in picked:
         semitones = float(rng.uniform(*policy["pitch"]["semitones"]))
         audio = shift_pitch(audio, sample_rate, semitones)
@@ -133,4 +136,4 @@ def random_augment(audio: np.ndarray, sample_rate: int, rng: np.random.Generator
     peak = float(np.max(np.abs(audio))) if audio.size else 0.0
     if peak > 0.99:
         audio = audio * (0.95 / peak)
-    return audio.astype(np.float32), " ".join(done)
+    return audio.astype(np.float32), " ".join(done), time_scale

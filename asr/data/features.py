@@ -3,10 +3,15 @@
 Labels follow the teacher-forcing layout Whisper was trained with: the decoder reads
 `[sot, (lang, transcribe,) notimestamps, text...]` and predicts `[..., text..., eot]`. The forced prefix
 positions are masked out of the loss (-100), as is padding, so the loss covers exactly the transcript and eot.
+Two variants teach what Whisper's long-form decoding needs (as distil-whisper trains them): timestamped targets
+`[sot, lang, transcribe, <|t0|> text <|t1|> <|t2|> text <|t3|> ..., eot]` where the clip's sentences are timed,
+and a previous-text prompt `[<|startofprev|> previous text..., sot, ...]`, masked out like the prefix.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -15,6 +20,9 @@ from asr.data.loading import SAMPLE_RATE, Sample
 from asr.models.loading import prompt_ids
 
 IGNORE_INDEX = -100  # the label of positions every loss skips (PyTorch's cross-entropy default)
+TIME_STEP_S = 0.02  # Whisper's timestamp resolution
+MAX_PREVIOUS_TOKENS = 223  # Whisper's prompt limit: half the decoder window, less <|startofprev|>
+DISTIL_PROBABILITY = 0.2  # distil-whisper's --timestamp_probability and --condition_on_prev_probability
 
 
 @dataclass
@@ -27,6 +35,8 @@ class Encoded:
     labels: list[int]
     text: str
     language: str
+    timestamped: bool = False
+    prompted: bool = False
 
 
 def log_mel(feature_extractor, audio: np.ndarray | list[np.ndarray]) -> torch.Tensor:
@@ -35,22 +45,65 @@ def log_mel(feature_extractor, audio: np.ndarray | list[np.ndarray]) -> torch.Te
     return feature_extractor(batch, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
 
 
-def label_layout(tokenizer, generation_config, text: str, language: str) -> tuple[list[int], list[int]]:
-    """(decoder_input_ids, labels) of a transcript: the teacher-forcing layout every objective is computed on."""
+def timestamp_token(generation_config, seconds: float) -> int:
+    """The token of a time in the window: <|0.00|> follows <|notimestamps|>, then one per 20 ms up to 30 s."""
+    steps = round(min(max(seconds, 0.0), 30.0) / TIME_STEP_S)
+    return generation_config.no_timestamps_token_id + 1 + steps
+
+
+def label_layout(tokenizer, generation_config, text: str, language: str,
+                 segments: Sequence[tuple[float, float, str]] | None = None,
+                 previous: str | None = None) -> tuple[list[int], list[int]]:
+    """(decoder_input_ids, labels) of a transcript: the teacher-forcing layout every objective is computed on.
+    `segments` (start_s, end_s, text): timestamped targets instead of `text`; `previous`: a prompt of earlier
+    text (its last MAX_PREVIOUS_TOKENS tokens), which the loss does not cover."""
     prefix = prompt_ids(tokenizer, generation_config, language)
-    text_ids = tokenizer(" " + text, add_special_tokens=False).input_ids
-    sequence = prefix + text_ids + [generation_config.eos_token_id]
+    if segments is None:
+        body = tokenizer(" " + text, add_special_tokens=False).input_ids
+    else:
+        prefix, body = prefix[:-1], []  # no <|notimestamps|>
+        for start, end, words in segments:
+            body += [timestamp_token(generation_config, start),
+                     *tokenizer(" " + words, add_special_tokens=False).input_ids,
+                     timestamp_token(generation_config, end)]
+    if previous:
+        earlier = tokenizer(" " + previous.strip(), add_special_tokens=False).input_ids[-MAX_PREVIOUS_TOKENS:]
+        prefix = [generation_config.prev_sot_token_id, *earlier, *prefix]
+    sequence = prefix + body + [generation_config.eos_token_id]
     labels = [IGNORE_INDEX] * (len(prefix) - 1) + sequence[len(prefix):]
     return sequence[:-1], labels
 
 
-def encode_sample(sample: Sample, processor, generation_config, max_label_tokens: int = 440) -> Encoded | None:
+@dataclass(frozen=True)
+class LayoutPolicy:
+    """How often a training sample gets timestamped targets or a previous-text prompt. None: distil-whisper's
+    0.2 for a sample whose sentences are timed (`segments`), 0 for one without (it has no times to teach)."""
+
+    timestamp_probability: float | None = None
+    condition_on_prev_probability: float | None = None
+    seed: int = 0
+
+    def draw(self, sample: Sample, previous: str | None) -> tuple[bool, str | None]:
+        """(timestamped?, prompt text or None) for one sample: fixed by (seed, sample id), not by the order."""
+        default = DISTIL_PROBABILITY if sample.segments else 0.0
+        p_ts = default if self.timestamp_probability is None else self.timestamp_probability
+        p_prev = default if self.condition_on_prev_probability is None else self.condition_on_prev_probability
+        rng = np.random.default_rng([self.seed, zlib.crc32(sample.id.encode())])
+        timestamped = bool(sample.segments) and bool(rng.random() < p_ts)
+        prompted = previous if previous and rng.random() < p_prev else None
+        return timestamped, prompted
+
+
+def encode_sample(sample: Sample, processor, generation_config, max_label_tokens: int = 440,
+                  timestamped: bool = False, previous: str | None = None) -> Encoded | None:
     """Features and labels for one sample; None when the transcript is too long for the decoder."""
-    decoder_input_ids, labels = label_layout(processor.tokenizer, generation_config, sample.text, sample.language)
+    decoder_input_ids, labels = label_layout(processor.tokenizer, generation_config, sample.text, sample.language,
+                                             sample.segments if timestamped else None, previous)
     if len(decoder_input_ids) + 1 > max_label_tokens:
         return None
     return Encoded(id=sample.id, input_features=log_mel(processor.feature_extractor, sample.audio)[0].numpy(),
-                   decoder_input_ids=decoder_input_ids, labels=labels, text=sample.text, language=sample.language)
+                   decoder_input_ids=decoder_input_ids, labels=labels, text=sample.text, language=sample.language,
+                   timestamped=timestamped, prompted=previous is not None)
 
 
 @dataclass

@@ -5,6 +5,7 @@ or missing file costs one counted sample instead of a traceback from inside the 
 """
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ class Sample:
     text: str
     language: str
     path: str | None = None  # the audio file it was decoded from (None for in-memory bytes)
+    segments: list[tuple[float, float, str]] | None = None  # timed sentences, when the dataset knows them
 
 
 @dataclass
@@ -190,5 +192,22 @@ def iter_samples(ds, stats: SkipStats, default_language: str = "en", limit: int 
             continue
         language = next((str(row[c]) for c in LANGUAGE_COLUMNS if row.get(c)), default_language)
         yielded += 1
+        segments = None if text_column is not None else timed_segments(row.get("segments"), str(text).strip(),
+                                                                       wave.size / SAMPLE_RATE)
         yield Sample(id=Path(source).name, audio=wave, text=str(text).strip(), language=language,
-                     path=data if isinstance(data, str) else None)
+                     path=data if isinstance(data, str) else None, segments=segments)
+
+
+def timed_segments(value, text: str, duration: float) -> list[tuple[float, float, str]] | None:
+    """The `segments` column (JSON [[start_s, end_s, text], ...], as `asr data synth` writes it) when it is
+    consistent with the transcript and the audio: ordered, inside the clip, and spelling the transcript."""
+    try:
+        segments = [(float(a), float(b), str(t)) for a, b, t in json.loads(value)] if value else None
+    except (TypeError, ValueError):
+        return None
+    if not segments or " ".join(t for _, _, t in segments) != text:
+        return None
+    edges = [x for a, b, _ in segments for x in (a, b)]
+    if edges != sorted(edges) or edges[0] < 0 or edges[-1] > duration + 0.05:
+        return None
+    return segments

@@ -31,9 +31,11 @@ from asr.errors import AsrError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "data" / "synthetic.yaml"
 SPLITS = ("train", "test")
-COLUMNS = ["file_name", "transcription", "language", "voice", "voice_params", "source", "augment", "duration"]
+COLUMNS = ["file_name", "transcription", "language", "voice", "voice_params", "source", "augment", "duration",
+           "segments"]
 MANIFEST = "synth.json"
 PAUSE_S = (0.2, 0.8)  # silence between the sentences of a multi-sentence clip
+CORPUS_FORMAT = 2  # bump when a build's columns or audio change for the same yaml (2: the `segments` column)
 FilterFn = Callable[[np.ndarray, str], bool]
 
 
@@ -66,6 +68,11 @@ def load_synth_config(path: str | Path | None = None) -> dict[str, Any]:
         if overlap := set(sources) & set(splits["train"]["texts"].get(lang, [])):
             raise AsrError(f"{path}: text sources {sorted(overlap)} ({lang}) are in both train and test")
     return cfg
+
+
+def corpus_digest(cfg: dict[str, Any]) -> str:
+    """Names a build's corpus: the yaml's content and this builder's format, so neither change reuses a stale set."""
+    return hashlib.sha256(f"{cfg['_sha256']}:{CORPUS_FORMAT}".encode()).hexdigest()[:8]
 
 
 @dataclass
@@ -116,19 +123,31 @@ def _peak_normalize(audio: np.ndarray, peak: float = 0.9) -> np.ndarray:
     return (audio * (peak / top)).astype(np.float32) if top > 1e-6 else audio
 
 
+def _speech_extent(speech: np.ndarray, floor: float = 0.02) -> tuple[int, int]:
+    """First and last sample above `floor` (of a peak-normalized clip): voices lead and trail with silence,
+    which a timestamp must not include."""
+    loud = np.flatnonzero(np.abs(speech) > floor)
+    return (int(loud[0]), int(loud[-1]) + 1) if loud.size else (0, len(speech))
+
+
 def _speak(job: _Job, plan: dict[str, Any]) -> np.ndarray:
     """The clip's sentences in one voice, each peak-normalized, with the planned pauses between them. Sentences
-    that would push the clip past max_duration_s (less room for augmentation) are left out, and so is their text."""
+    that would push the clip past max_duration_s (less room for augmentation) are left out, and so is their text.
+    Sets plan["segments"]: [start_s, end_s, text] per sentence, known from the construction (timestamp labels)."""
     limit = (float(job.cfg.get("max_duration_s", 30.0)) - 1.0) * job.sample_rate
     parts: list[np.ndarray] = []
+    segments: list[list] = []
     for i, text in enumerate(plan["texts"]):
         speech = _peak_normalize(synthesize(plan["spec"], text, job.sample_rate))
         pause = np.zeros(int(plan["pauses"][i - 1] * job.sample_rate), dtype=np.float32) if i else speech[:0]
-        if i and sum(map(len, parts)) + len(pause) + len(speech) > limit:
+        start = sum(map(len, parts)) + len(pause)
+        if i and start + len(speech) > limit:
             plan["texts"] = plan["texts"][:i]
             break
         parts += [pause, speech]
-    plan["text"] = " ".join(plan["texts"])
+        onset, offset = _speech_extent(speech)
+        segments.append([(start + onset) / job.sample_rate, (start + offset) / job.sample_rate, text])
+    plan["text"], plan["segments"] = " ".join(plan["texts"]), segments
     return np.concatenate(parts)
 
 
@@ -143,8 +162,9 @@ def _attempt(job: _Job, plan: dict[str, Any], rng: np.random.Generator) -> tuple
         return "silent"
     described = ""
     if plan["augment"]:
-        audio, described = random_augment(audio, job.sample_rate, rng, cfg.get("augment") or {})
+        audio, described, scale = random_augment(audio, job.sample_rate, rng, cfg.get("augment") or {})
         audio = _peak_normalize(audio)
+        plan["segments"] = [[start * scale, end * scale, text] for start, end, text in plan["segments"]]
     duration = len(audio) / job.sample_rate
     if duration < float(cfg.get("min_duration_s", 0.5)):
         return "too_short"
@@ -177,7 +197,8 @@ def _write_clip(job: _Job, plan: dict[str, Any], audio: np.ndarray, augment: str
     params = " ".join(f"{k}={plan['spec'][k]:.2f}" for k in ("rate", "pitch") if k in plan["spec"])
     return {"file_name": name, "transcription": plan["text"], "language": plan["lang"],
             "voice": voice_id(plan["spec"]), "voice_params": params, "source": plan["source"],
-            "augment": augment, "duration": f"{len(pcm) / job.sample_rate:.3f}"}
+            "augment": augment, "duration": f"{len(pcm) / job.sample_rate:.3f}",
+            "segments": json.dumps([[round(a, 2), round(b, 2), t] for a, b, t in plan["segments"]], ensure_ascii=False)}
 
 
 _WORKER_JOB: _Job | None = None

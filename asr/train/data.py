@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from asr.data.features import IGNORE_INDEX, Encoded, WhisperCollator, encode_sample
+from asr.data.features import IGNORE_INDEX, Encoded, LayoutPolicy, WhisperCollator, encode_sample
 from asr.data.loading import DatasetRef, Sample, SkipStats, iter_samples, open_dataset
 from asr.label.targets import read_teacher_targets, settings_of
 from asr.errors import AsrError
@@ -24,7 +24,7 @@ from asr.models.loading import weights_fingerprint
 
 def load_shard(datasets: Sequence[str], processor, generation_config, rank: int, world: int,
                max_label_tokens: int, limit: int | None, language: str, stats: SkipStats,
-               text_column: str | None = None) -> list[Encoded]:
+               text_column: str | None = None, layout: LayoutPolicy | None = None) -> list[Encoded]:
     """This rank's share of every training dataset, as encoded examples (bad samples skipped and counted);
     `text_column` picks the target transcript (e.g. 'pseudo_label'), default the dataset's reference."""
     from datasets.distributed import split_dataset_by_node
@@ -35,15 +35,20 @@ def load_shard(datasets: Sequence[str], processor, generation_config, rank: int,
         per_rank = None if limit is None else -(-limit // world)
         samples = tqdm(iter_samples(ds, stats, default_language=language, limit=per_rank, text_column=text_column),
                        desc=f"rank {rank}: encoding {DatasetRef.parse(ref).label}", unit="clip", disable=rank != 0)
-        examples.extend(encode_samples(samples, processor, generation_config, max_label_tokens, stats))
+        examples.extend(encode_samples(samples, processor, generation_config, max_label_tokens, stats, layout))
     return examples
 
 
 def encode_samples(samples: Iterable[Sample], processor, generation_config, max_label_tokens: int,
-                   stats: SkipStats) -> Iterator[Encoded]:
-    """Training examples of decoded samples; transcripts over max_label_tokens are skipped and counted."""
+                   stats: SkipStats, layout: LayoutPolicy | None = None) -> Iterator[Encoded]:
+    """Training examples of decoded samples; transcripts over max_label_tokens are skipped and counted.
+    `layout` picks timestamped targets and previous-text prompts (the prompt is the text of the previous
+    sample in the same language); None: plain transcripts."""
+    previous: dict[str, str] = {}
     for sample in samples:
-        encoded = encode_sample(sample, processor, generation_config, max_label_tokens)
+        timestamped, prompt = layout.draw(sample, previous.get(sample.language)) if layout else (False, None)
+        previous[sample.language] = sample.text
+        encoded = encode_sample(sample, processor, generation_config, max_label_tokens, timestamped, prompt)
         if encoded is None:
             stats.skip("transcript too long", sample.id)
         else:

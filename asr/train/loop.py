@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from asr.config import Recipe, recipe_to_dict
-from asr.data.features import IGNORE_INDEX, WhisperCollator
+from asr.data.features import IGNORE_INDEX, LayoutPolicy, WhisperCollator
 from asr.data.loading import SkipStats
 from asr.errors import AsrError
 from asr.models.loading import load_processor, load_whisper, output_embedding, same_encoder
@@ -107,12 +107,17 @@ class Trainer:
         r = self.recipe
         text_column = "pseudo_label" if r.data.labels == "pseudo" else None
         collator = WhisperCollator(student.generation_config.pad_token_id)
+        self.layout_counts: dict[str, int] | None = None  # counted up front only; a stream's are not
         if r.data.streaming:
             return StreamingBatches(r.data.train, self.processor, student.generation_config, collator,
                                     r.train.batch_size, r.train.seed, self.dist.rank, self.dist.world,
                                     r.data.max_label_tokens, r.data.language, self.stats, text_column,
-                                    r.data.train_limit)
+                                    r.data.train_limit, layout=self.layout())
         return self.in_memory_batches(student, collator, text_column)
+
+    def layout(self) -> LayoutPolicy:
+        d = self.recipe.data
+        return LayoutPolicy(d.timestamp_probability, d.condition_on_prev_probability, self.recipe.train.seed)
 
     def place_teacher(self, student) -> None:
         """The live teacher on the run's device and dtype, or the output projection that turns cached teacher
@@ -134,7 +139,9 @@ class Trainer:
         r = self.recipe
         examples = load_shard(r.data.train, self.processor, student.generation_config, self.dist.rank,
                               self.dist.world, r.data.max_label_tokens, r.data.train_limit, r.data.language,
-                              self.stats, text_column=text_column)
+                              self.stats, text_column=text_column, layout=self.layout())
+        self.layout_counts = {"examples": len(examples), "timestamped": sum(e.timestamped for e in examples),
+                              "prompted": sum(e.prompted for e in examples)}
         counts = torch.tensor([len(examples)], dtype=torch.long)
         dist.all_reduce(counts, op=dist.ReduceOp.MIN)
         if counts.item() == 0:
@@ -339,7 +346,8 @@ class Trainer:
     def finish(self, history: list[dict], skipped: int) -> None:
         if self.dist.is_main:
             summary = {"steps": len(history), "skipped_nonfinite_steps": skipped,
-                       "skipped_samples_rank0": dict(self.stats.counts), "final_loss": history[-1] if history else None}
+                       "skipped_samples_rank0": dict(self.stats.counts), "final_loss": history[-1] if history else None,
+                       "label_layout_rank0": self.layout_counts}
             (self.run_dir / "train-summary.json").write_text(json.dumps(summary, indent=2))
             if self.bench is not None:
                 self.bench.finalize(self.ckpt_root)

@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from asr.data.features import Encoded, WhisperCollator
+from asr.data.features import Encoded, LayoutPolicy, WhisperCollator
 from asr.data.loading import DatasetRef, SkipStats, iter_samples, open_dataset
 from asr.errors import AsrError
 from asr.train.data import encode_samples
@@ -27,7 +27,7 @@ class StreamingBatches:
     def __init__(self, datasets: Sequence[str], processor, generation_config, collator: WhisperCollator,
                  batch_size: int, seed: int, rank: int, world: int, max_label_tokens: int, language: str,
                  stats: SkipStats, text_column: str | None = None, limit: int | None = None,
-                 shuffle_buffer: int = 1000):
+                 shuffle_buffer: int = 1000, layout: LayoutPolicy | None = None):
         from datasets import interleave_datasets
         from datasets.distributed import split_dataset_by_node
 
@@ -39,7 +39,7 @@ class StreamingBatches:
         self.ds = split_dataset_by_node(ds, rank=rank, world_size=world).shuffle(seed=seed, buffer_size=shuffle_buffer)
         self.processor, self.generation_config, self.collator = processor, generation_config, collator
         self.batch_size, self.max_label_tokens, self.language = batch_size, max_label_tokens, language
-        self.stats, self.text_column, self.rank = stats, text_column, rank
+        self.stats, self.text_column, self.rank, self.layout = stats, text_column, rank, layout
         self.epoch, self.rows, self.next_step = 0, 0, 0
         self._examples: Iterator[Encoded] | None = None
 
@@ -60,7 +60,8 @@ class StreamingBatches:
     def _epoch_examples(self, skip: int) -> Iterator[Encoded]:
         stats = self.stats if self.epoch == 0 else SkipStats()  # each bad sample is counted once
         samples = iter_samples(self._rows(skip), stats, default_language=self.language, text_column=self.text_column)
-        return encode_samples(samples, self.processor, self.generation_config, self.max_label_tokens, stats)
+        return encode_samples(samples, self.processor, self.generation_config, self.max_label_tokens, stats,
+                              self.layout)
 
     def _next_example(self) -> Encoded:
         for _ in range(2):  # the current epoch, then a fresh one
