@@ -132,9 +132,7 @@ class Trainer:
         examples = load_shard(r.data.train, self.processor, student.generation_config, self.dist.rank,
                               self.dist.world, r.data.max_label_tokens, r.data.train_limit, r.data.language,
                               self.stats, text_column=text_column)
-        counts = torch.tensor([len(examples)], dtype=torch.long)
-        dist.all_reduce(counts, op=dist.ReduceOp.MIN)
-        if counts.item() == 0:
+        if self.dist.all_reduce([len(examples)], op=dist.ReduceOp.MIN).item() == 0:
             raise AsrError(f"a rank got no usable training samples from {r.data.train} ({self.stats.summary()}); "
                            "add data or use fewer processes")
         states = None
@@ -186,17 +184,13 @@ class Trainer:
 
     def stop_requested(self) -> bool:
         """Preemption: SIGUSR1/SIGTERM on any rank, or RUN/PREEMPT written by a Slurm batch script."""
-        flag = torch.tensor([1.0 if self._signalled or (self.run_dir / PREEMPT).exists() else 0.0])
-        dist.all_reduce(flag)
-        return flag.item() > 0
+        return self.dist.all_reduce([1.0 if self._signalled or (self.run_dir / PREEMPT).exists() else 0.0]).item() > 0
 
     def _on_signal(self, signum, frame) -> None:
         self._signalled = True
 
     def all_finite(self, loss: torch.Tensor) -> bool:
-        flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
-        dist.all_reduce(flag)
-        return flag.item() == 0.0
+        return self.dist.all_reduce([0.0 if torch.isfinite(loss.detach()).all() else 1.0]).item() == 0.0
 
     # --- the run ---------------------------------------------------------------------------------------
     def resume(self) -> tuple[int, list[dict]]:
@@ -304,8 +298,7 @@ class Trainer:
                     return history
                 continue
             bad_in_row = 0
-            mean = torch.tensor([parts_sum[k] for k in sorted(parts_sum)])
-            dist.all_reduce(mean)
+            mean = self.dist.all_reduce([parts_sum[k] for k in sorted(parts_sum)])
             row = {"step": step + 1, **{k: v / self.dist.world for k, v in zip(sorted(parts_sum), mean.tolist())},
                    "lr": lr}
             history.append(row)
