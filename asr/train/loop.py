@@ -61,6 +61,7 @@ class Trainer:
         self.batches = self.load_data(student)
         self.place_teacher(student)
         self.engine = build_engine(student, self.recipe.train, self.recipe.optim)
+        self.train_mode()
         self.ckpt_root = self.run_dir / "checkpoints"
         self.untimed = 0.0  # seconds spent checkpointing since the last logged step: not training time
         r = self.recipe
@@ -125,6 +126,14 @@ class Trainer:
             self.teacher_out = output_embedding(r.teacher).to(self.dist.device, dtype)
             check_compatible(student.config.vocab_size, self.teacher_out.shape[0], str(self.run_dir / "student"),
                              r.teacher)
+
+    def train_mode(self) -> None:
+        """Dropout and layerdrop from the student's config on (load_whisper returns eval mode), except in a frozen
+        encoder, whose states must equal those cached and shared with the teacher. The checkpoint bench loads each
+        saved student afresh, in eval mode."""
+        self.engine.train()
+        if self.recipe.train.freeze_encoder:
+            self.engine.module.model.encoder.eval()
 
     def in_memory_batches(self, student, collator: WhisperCollator, text_column: str | None) -> TrainBatches:
         """This rank's shard encoded up front, with cached encoder states and teacher targets where configured."""
