@@ -157,6 +157,28 @@ def test_kill_9_between_checkpoints_then_rerun_resumes_with_the_same_curve(tmp_p
     assert json.loads((run / "train-summary.json").read_text())["skipped_samples_rank0"] == EXPECTED_SKIPS
 
 
+def test_preemption_saves_and_exits_then_the_resumed_run_benches_that_checkpoint(tmp_path, micro_teacher,
+                                                                                 speech_folder):
+    """A preemption checkpoint must fit Slurm's warning window (300 s before the limit): saved, PREEMPTED written,
+    no benchmark; the resumed run benches it before it trains on."""
+    run, log = tmp_path / "run", tmp_path / "run.log"
+    recipe = fast_recipe(tmp_path / "recipe.yaml", micro_teacher, speech_folder, speech_folder,
+                         train={"max_steps": 30, "save_every": 1000, "log_every": 1})
+    launcher = start_run(recipe, run, log)
+    wait_for(lambda: metric_rows(run) >= 1, launcher, log)
+    (run / "PREEMPT").write_text("")
+    assert launcher.wait(timeout=300) == 2, log.read_text()[-3000:]
+    at = int((run / "PREEMPTED").read_text())
+    assert 1 <= at < 30 and is_complete(run / "checkpoints" / f"step-{at:06d}")
+    assert f"error: preempted at step {at}; a checkpoint was saved" in log.read_text()
+    benched = lambda: [json.loads(line)["model"] for line in (run / "bench" / "checkpoints.jsonl").open()]  # noqa: E731
+    assert benched() == ["teacher", "pruned-untrained"]  # the baselines only: nothing ran after the save
+    proc = asr_run(recipe, run)
+    assert f"resumed from {run / 'checkpoints' / f'step-{at:06d}'} at step {at}" in proc.stdout
+    assert benched() == ["teacher", "pruned-untrained", f"step-{at}", "step-30"]
+    assert not (run / "PREEMPTED").exists()
+
+
 def test_kill_9_during_a_checkpoint_write_never_loads_the_partial_one(tmp_path, reference, micro_teacher,
                                                                      hostile_train, speech_folder):
     recipe = fast_recipe(tmp_path / "recipe.yaml", micro_teacher, hostile_train, speech_folder)

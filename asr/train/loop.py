@@ -207,6 +207,8 @@ class Trainer:
         if ckpt is None:
             return 0, []
         state = load_checkpoint(self.engine, ckpt)
+        if self.bench is not None and not self.bench.benched(state["step"]):  # saved at preemption: bench it now
+            self.bench_checkpoint(ckpt, state["step"])
         torch.set_rng_state(state["rng"][self.dist.rank]["torch"])
         np.random.set_state(state["rng"][self.dist.rank]["numpy"])
         random.setstate(state["rng"][self.dist.rank]["python"])
@@ -224,36 +226,43 @@ class Trainer:
         dist.all_gather_object(gathered, mine)
         return gathered
 
-    def checkpoint(self, step: int, history: list[dict]) -> None:
+    def checkpoint(self, step: int, history: list[dict], bench: bool = True) -> None:
+        """Save (collective), then bench on rank 0 unless `bench` is off: a preemption checkpoint must fit Slurm's
+        warning window, so it is benched after the resume."""
         started = time.perf_counter()
         streaming = isinstance(self.batches, StreamingBatches)  # in-memory batches are a function of the step
         client = {"step": step, "history": history, "rng": self.rng_states(),
                   "data": self.gather(self.batches.state()) if streaming else None}
         ckpt = save_checkpoint(self.engine, self.ckpt_root, step, client, self.recipe.train.zero_stage, self.processor,
                                fp32_source=self.run_dir / "student" if self.bf16 else None)
-        best = None
-        if self.bench is not None:
-            record = self.bench.checkpoint(ckpt / "hf", step)
-            self.tracker.log({"eval/wer": record["wer"], "eval/cer": record["cer"],
-                              "eval/repetition_rate": record["repetition_rate"],
-                              "eval/decoder_ms_per_token": record["latency"]["decoder_ms_per_token_p50"],
-                              **{f"eval/wer/{name}": wer for name, wer in record["wer_by_dataset"].items()}}, step)
-            best = self.bench.best_checkpoint(self.ckpt_root)
-            prune_checkpoints(self.ckpt_root, self.recipe.train.keep_last, best)
+        if bench:
+            self.bench_checkpoint(ckpt, step)
         dist.barrier()
         self.untimed += time.perf_counter() - started
+
+    def bench_checkpoint(self, ckpt: Path, step: int) -> None:
+        """Rank 0: bench a saved checkpoint, log it, and prune the old ones (keeping the best)."""
+        if self.bench is None:
+            return
+        record = self.bench.checkpoint(ckpt / "hf", step)
+        self.tracker.log({"eval/wer": record["wer"], "eval/cer": record["cer"],
+                          "eval/repetition_rate": record["repetition_rate"],
+                          "eval/decoder_ms_per_token": record["latency"]["decoder_ms_per_token_p50"],
+                          **{f"eval/wer/{name}": wer for name, wer in record["wer_by_dataset"].items()}}, step)
+        prune_checkpoints(self.ckpt_root, self.recipe.train.keep_last, self.bench.best_checkpoint(self.ckpt_root))
 
     def save_if_due(self, step: int, history: list[dict]) -> bool:
         """Checkpoint every save_every steps and at the end, or now if preemption is requested (then True: stop)."""
         t = self.recipe.train
         stop = step < t.max_steps and self.stop_requested()
         if stop or step % t.save_every == 0 or step == t.max_steps:
-            self.checkpoint(step, history)
+            self.checkpoint(step, history, bench=not stop)
         if not stop:
             return False
         if self.dist.is_main:
             (self.run_dir / PREEMPTED).write_text(str(step))
-            print(f"preempted: checkpoint at step {step} saved; re-run to resume", flush=True)
+            print(f"preempted: checkpoint at step {step} saved (benched after the resume); re-run to resume",
+                  flush=True)
         return True
 
     def train_step(self, step: int) -> tuple[dict[str, float] | None, int, int]:
