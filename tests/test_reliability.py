@@ -199,6 +199,23 @@ def test_kill_9_during_a_checkpoint_write_never_loads_the_partial_one(tmp_path, 
     assert_same_curve(reference, run)
 
 
+def test_resuming_on_another_number_of_processes_is_one_clear_error(tmp_path, micro_teacher, speech_folder):
+    """ZeRO's optimizer shards, each rank's RNG and data position belong to the world size that saved them."""
+    run = tmp_path / "run"
+    asr_run(fast_recipe(tmp_path / "recipe.yaml", micro_teacher, speech_folder, speech_folder,
+                        train={"max_steps": 2}), run)
+    stored = yaml.safe_load((run / "recipe.yaml").read_text())
+    stored["train"]["max_steps"] = 4
+    (run / "recipe.yaml").write_text(yaml.safe_dump(stored))
+    proc = asr("run", str(run / "recipe.yaml"), "--run-dir", str(run), "--nproc", "2")
+    ckpt = run / "checkpoints" / "step-000002"
+    message = (f"{ckpt}: saved by 1 processes but this run has 2; resume with 1 (`asr run --nproc 1`, or nodes x "
+               "processes per node = 1 under Slurm)")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"error: {message}", proc.stderr[-3000:]
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+    assert [r["step"] for r in losses(run)] == [1, 2]
+
+
 def test_ranks_die_with_a_killed_launcher(tmp_path, micro_teacher, speech_folder):
     run, log = tmp_path / "run", tmp_path / "run.log"
     recipe = fast_recipe(tmp_path / "recipe.yaml", micro_teacher, speech_folder, speech_folder,
@@ -245,7 +262,7 @@ def test_latest_checkpoint_skips_partial_truncated_and_stale(tmp_path):
     (root / "latest").unlink()
     assert latest_checkpoint(root) == good6
     with pytest.raises(AsrError, match="step-000008: checkpoint is incomplete or truncated; delete it"):
-        load_checkpoint(None, short)
+        load_checkpoint(None, short, processes=1)
 
 
 def test_a_real_checkpoint_truncated_by_hand_is_never_picked(tmp_path, reference):

@@ -206,7 +206,7 @@ class Trainer:
         ckpt = latest_checkpoint(self.ckpt_root)
         if ckpt is None:
             return 0, []
-        state = load_checkpoint(self.engine, ckpt)
+        state = load_checkpoint(self.engine, ckpt, self.dist.world)
         if self.bench is not None and not self.bench.benched(state["step"]):  # saved at preemption: bench it now
             self.bench_checkpoint(ckpt, state["step"])
         torch.set_rng_state(state["rng"][self.dist.rank]["torch"])
