@@ -342,6 +342,23 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path, micro_t
     assert is_complete(run / "checkpoints" / "step-000002") and not (run / "train-summary.json").exists()
 
 
+def test_nonfinite_loss_with_grad_accum_stops_the_run_instead_of_skipping_mid_window(tmp_path, micro_teacher,
+                                                                                      speech_folder):
+    """With train.grad_accum > 1 DeepSpeed holds the window's earlier micro-batches, so a non-finite loss cannot be
+    skipped cleanly: every rank stops at once with one line naming the fix, before anything else is saved."""
+    run = tmp_path / "run"
+    recipe = fast_recipe(tmp_path / "recipe.yaml", micro_teacher, speech_folder, speech_folder, optim={"lr": 1e30},
+                         train={"grad_accum": 2, "nproc": 2, "batch_size": 1})
+    proc = asr("run", str(recipe), "--run-dir", str(run))
+    message = ("non-finite loss at step 2 (micro-batch 1 of 2); with train.grad_accum > 1 it cannot be skipped: "
+               "re-run to resume from the last checkpoint with a lower optim.lr, or set train.grad_accum=1 to skip "
+               "such steps")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"error: {message}", proc.stderr[-3000:]
+    assert f"error (rank 0): {message}" in proc.stderr and f"error (rank 1): {message}" in proc.stderr
+    assert "skipped: non-finite loss" not in proc.stdout
+    assert [r["step"] for r in losses(run)] == [1] and not (run / "checkpoints" / "step-000002").exists()
+
+
 # --- hostile input ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -267,7 +267,8 @@ class Trainer:
 
     def train_step(self, step: int) -> tuple[dict[str, float] | None, int, int]:
         """One optimizer step over grad_accum micro-batches: (mean loss parts, or None when a loss was not finite
-        on some rank and the gradients were dropped; samples; labelled tokens), counts over all ranks."""
+        on some rank and the gradients were dropped; samples; labelled tokens), counts over all ranks. With
+        grad_accum > 1 a non-finite loss stops the run instead (every rank at once)."""
         t = self.recipe.train
         parts_sum: dict[str, float] = {}
         samples, tokens = 0, 0
@@ -277,6 +278,10 @@ class Trainer:
             tokens += int((batch["labels"] != IGNORE_INDEX).sum()) * self.dist.world
             parts = self.losses(batch)
             if not self.all_finite(parts["loss"]):
+                if t.grad_accum > 1:  # DeepSpeed holds this window's earlier micro-batches: no clean skip
+                    raise AsrError(f"non-finite loss at step {step + 1} (micro-batch {micro + 1} of {t.grad_accum}); "
+                                   "with train.grad_accum > 1 it cannot be skipped: re-run to resume from the last "
+                                   "checkpoint with a lower optim.lr, or set train.grad_accum=1 to skip such steps")
                 self.engine.optimizer.zero_grad()
                 return None, samples, tokens
             self.engine.backward(parts["loss"])
