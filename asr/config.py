@@ -121,7 +121,7 @@ class TrainConfig:
     log_every: int = 10
     nproc: int = 1
     threads_per_proc: int | None = None
-    max_bad_steps: int = 5  # consecutive NaN/inf losses before the run stops
+    max_bad_steps: int = 5  # consecutive NaN/inf losses skipped before the run stops (grad_accum > 1: none)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # merged last into the DeepSpeed config
 
 

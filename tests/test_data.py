@@ -1,9 +1,12 @@
 """The training data path: decoding (resampling, downmixing), skip-and-count of bad samples, labels, collation."""
 from __future__ import annotations
 
+import json
 import math
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +192,60 @@ def test_segments_column_is_used_only_when_consistent(value, ok):
     from asr.data.loading import timed_segments
 
     assert (timed_segments(value, "a b c", 3.0) is not None) == ok
+
+
+# --- hub datasets offline -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hub_cache(tmp_path_factory, speech_folder) -> Path:
+    """A datasets cache holding `someone/tinyspeech` as a hub download leaves it (namespace___name/config/version/
+    hash/{name}-{split}.arrow + dataset_info.json), prepared from the speech clips: no network here."""
+    import datasets
+
+    root = tmp_path_factory.mktemp("hub-cache")
+    builder = datasets.load_dataset_builder("audiofolder", data_dir=str(speech_folder), cache_dir=str(root / "build"))
+    builder.download_and_prepare()
+    built = Path(builder.cache_dir)
+    cached = root / "cache" / "someone___tinyspeech" / "default" / built.parent.name / built.name
+    cached.mkdir(parents=True)
+    shutil.copy(built / "audiofolder-train.arrow", cached / "tinyspeech-train.arrow")
+    info = json.loads((built / "dataset_info.json").read_text())
+    (cached / "dataset_info.json").write_text(json.dumps({**info, "dataset_name": "tinyspeech",
+                                                          "config_name": "default"}))
+    return root / "cache"
+
+
+def _offline(hub_cache: Path, code: str) -> subprocess.CompletedProcess:
+    """`code` in a fresh process (`datasets` reads its settings at import) with the hub offline."""
+    env = {**os.environ, "HF_DATASETS_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_a_hub_dataset_in_the_local_cache_loads_offline(hub_cache):
+    proc = _offline(hub_cache, "from asr.data.loading import DatasetRef, SkipStats, iter_samples, open_dataset\n"
+                               "ref = DatasetRef.parse('someone/tinyspeech@train')\n"
+                               "for streaming in (False, True):\n"
+                               "    ds = open_dataset(ref, streaming=streaming)\n"
+                               "    print(sorted(s.id for s in iter_samples(ds, SkipStats())))")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == [str([f"clip{i}.wav" for i in range(6)])] * 2
+
+
+def test_a_hub_dataset_missing_from_the_cache_offline_is_one_clear_error(hub_cache):
+    proc = _offline(hub_cache, "from asr.data.loading import DatasetRef, check_dataset\n"
+                               "check_dataset(DatasetRef.parse('someone/absent@train'))")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"asr.errors.AsrError: someone/absent: not a local directory, and not in the datasets cache ({hub_cache}) "
+        "while the hub is offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE); load it once where the hub is reachable, "
+        "unset those, or pass an audiofolder directory")
+
+
+def test_training_follows_the_users_hub_setting(monkeypatch):
+    """The ranks see the hub as the user set it: not switched offline behind their back."""
+    from asr.train.torchrun import training_env
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    assert "HF_HUB_OFFLINE" not in training_env() and "HF_DATASETS_OFFLINE" not in training_env()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert training_env()["HF_HUB_OFFLINE"] == "1"

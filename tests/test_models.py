@@ -26,6 +26,7 @@ from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtract
 from asr.errors import AsrError
 from asr.models.ct2_import import read_vocabulary, repair_tokenizer_json
 from asr.models.ct2_reader import read_ct2
+from asr.models.loading import load_processor, save_processor
 from asr.models.registry import REGISTRY, _locate, cache_dir, import_ct2_dir, import_registry_model, resolve_model
 
 # What each shipped teacher must look like; prompts are OpenAI's greedy English transcription prompts.
@@ -222,6 +223,34 @@ def test_tokenizer_size_and_timestamps_match_vocabulary(name, tokenizer):
     assert tokenizer.decode([one], decode_with_timestamps=True) == "<|1.00|>"
     hello = tokenizer.encode(" hello", add_special_tokens=False)
     assert tokenizer.decode([zero, *hello, one], decode_with_timestamps=True) == "<|0.00|> hello<|1.00|>"
+
+
+def test_imported_tokenizer_pads_with_endoftext_so_hf_collators_work(hf_dir):
+    """Hugging Face's Whisper fine-tuning collator pads the labels with `processor.tokenizer.pad`: it must work on
+    an imported directory as on OpenAI's checkpoints (pad = `<|endoftext|>`)."""
+    from transformers import WhisperProcessor
+
+    tokenizer = WhisperProcessor.from_pretrained(hf_dir).tokenizer
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"
+    labels = tokenizer.pad([{"input_ids": [1, 2, 3]}, {"input_ids": [4]}], return_tensors="pt")
+    assert labels["input_ids"].tolist() == [[1, 2, 3], [4, tokenizer.eos_token_id, tokenizer.eos_token_id]]
+    assert labels["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_a_directory_imported_without_a_pad_token_is_saved_with_one(tmp_path, hf_dir):
+    """Folders imported by an older asr-distill have no pad token: every directory we save from them gets one."""
+    from transformers import WhisperProcessor
+
+    old = tmp_path / "old"
+    old.mkdir()
+    for file in ("config.json", "tokenizer.json", "preprocessor_config.json"):
+        shutil.copy(hf_dir / file, old / file)
+    config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    config.pop("pad_token", None)
+    (old / "tokenizer_config.json").write_text(json.dumps(config))
+    assert WhisperProcessor.from_pretrained(old).tokenizer.pad_token is None
+    save_processor(load_processor(str(old)), tmp_path / "saved")
+    assert WhisperProcessor.from_pretrained(tmp_path / "saved").tokenizer.pad_token == "<|endoftext|>"
 
 
 def test_base_tokenizer_merge_trap_is_repaired():

@@ -157,6 +157,28 @@ def test_kill_9_between_checkpoints_then_rerun_resumes_with_the_same_curve(tmp_p
     assert json.loads((run / "train-summary.json").read_text())["skipped_samples_rank0"] == EXPECTED_SKIPS
 
 
+def test_preemption_saves_and_exits_then_the_resumed_run_benches_that_checkpoint(tmp_path, micro_teacher,
+                                                                                 speech_folder):
+    """A preemption checkpoint must fit Slurm's warning window (300 s before the limit): saved, PREEMPTED written,
+    no benchmark; the resumed run benches it before it trains on."""
+    run, log = tmp_path / "run", tmp_path / "run.log"
+    recipe = fast_recipe(tmp_path / "recipe.yaml", micro_teacher, speech_folder, speech_folder,
+                         train={"max_steps": 30, "save_every": 1000, "log_every": 1})
+    launcher = start_run(recipe, run, log)
+    wait_for(lambda: metric_rows(run) >= 1, launcher, log)
+    (run / "PREEMPT").write_text("")
+    assert launcher.wait(timeout=300) == 2, log.read_text()[-3000:]
+    at = int((run / "PREEMPTED").read_text())
+    assert 1 <= at < 30 and is_complete(run / "checkpoints" / f"step-{at:06d}")
+    assert f"error: preempted at step {at}; a checkpoint was saved" in log.read_text()
+    benched = lambda: [json.loads(line)["model"] for line in (run / "bench" / "checkpoints.jsonl").open()]  # noqa: E731
+    assert benched() == ["teacher", "pruned-untrained"]  # the baselines only: nothing ran after the save
+    proc = asr_run(recipe, run)
+    assert f"resumed from {run / 'checkpoints' / f'step-{at:06d}'} at step {at}" in proc.stdout
+    assert benched() == ["teacher", "pruned-untrained", f"step-{at}", "step-30"]
+    assert not (run / "PREEMPTED").exists()
+
+
 def test_kill_9_during_a_checkpoint_write_never_loads_the_partial_one(tmp_path, reference, micro_teacher,
                                                                      hostile_train, speech_folder):
     recipe = fast_recipe(tmp_path / "recipe.yaml", micro_teacher, hostile_train, speech_folder)
@@ -175,6 +197,23 @@ def test_kill_9_during_a_checkpoint_write_never_loads_the_partial_one(tmp_path, 
     assert not partial.exists() and is_complete(ckpts / "step-000004")
     assert (ckpts / "latest").read_text() == "step-000004"
     assert_same_curve(reference, run)
+
+
+def test_resuming_on_another_number_of_processes_is_one_clear_error(tmp_path, micro_teacher, speech_folder):
+    """ZeRO's optimizer shards, each rank's RNG and data position belong to the world size that saved them."""
+    run = tmp_path / "run"
+    asr_run(fast_recipe(tmp_path / "recipe.yaml", micro_teacher, speech_folder, speech_folder,
+                        train={"max_steps": 2}), run)
+    stored = yaml.safe_load((run / "recipe.yaml").read_text())
+    stored["train"]["max_steps"] = 4
+    (run / "recipe.yaml").write_text(yaml.safe_dump(stored))
+    proc = asr("run", str(run / "recipe.yaml"), "--run-dir", str(run), "--nproc", "2")
+    ckpt = run / "checkpoints" / "step-000002"
+    message = (f"{ckpt}: saved by 1 processes but this run has 2; resume with 1 (`asr run --nproc 1`, or nodes x "
+               "processes per node = 1 under Slurm)")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"error: {message}", proc.stderr[-3000:]
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+    assert [r["step"] for r in losses(run)] == [1, 2]
 
 
 def test_ranks_die_with_a_killed_launcher(tmp_path, micro_teacher, speech_folder):
@@ -223,7 +262,7 @@ def test_latest_checkpoint_skips_partial_truncated_and_stale(tmp_path):
     (root / "latest").unlink()
     assert latest_checkpoint(root) == good6
     with pytest.raises(AsrError, match="step-000008: checkpoint is incomplete or truncated; delete it"):
-        load_checkpoint(None, short)
+        load_checkpoint(None, short, processes=1)
 
 
 def test_a_real_checkpoint_truncated_by_hand_is_never_picked(tmp_path, reference):
@@ -301,6 +340,23 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path, micro_t
     assert [r["step"] for r in losses(run)] == [1]  # skipped steps leave no row
     # the checkpoint due at step 2 was still written (the weights of the last good step), so nothing is lost
     assert is_complete(run / "checkpoints" / "step-000002") and not (run / "train-summary.json").exists()
+
+
+def test_nonfinite_loss_with_grad_accum_stops_the_run_instead_of_skipping_mid_window(tmp_path, micro_teacher,
+                                                                                      speech_folder):
+    """With train.grad_accum > 1 DeepSpeed holds the window's earlier micro-batches, so a non-finite loss cannot be
+    skipped cleanly: every rank stops at once with one line naming the fix, before anything else is saved."""
+    run = tmp_path / "run"
+    recipe = fast_recipe(tmp_path / "recipe.yaml", micro_teacher, speech_folder, speech_folder, optim={"lr": 1e30},
+                         train={"grad_accum": 2, "nproc": 2, "batch_size": 1})
+    proc = asr("run", str(recipe), "--run-dir", str(run))
+    message = ("non-finite loss at step 2 (micro-batch 1 of 2); with train.grad_accum > 1 it cannot be skipped: "
+               "re-run to resume from the last checkpoint with a lower optim.lr, or set train.grad_accum=1 to skip "
+               "such steps")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"error: {message}", proc.stderr[-3000:]
+    assert f"error (rank 0): {message}" in proc.stderr and f"error (rank 1): {message}" in proc.stderr
+    assert "skipped: non-finite loss" not in proc.stdout
+    assert [r["step"] for r in losses(run)] == [1] and not (run / "checkpoints" / "step-000002").exists()
 
 
 # --- hostile input ------------------------------------------------------------------------------------------------

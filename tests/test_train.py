@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -198,3 +199,23 @@ def test_kd_trains_on_timestamped_and_prompted_targets(tmp_path, micro_teacher):
     assert len(rows) == 2 and all(math.isfinite(r["kl"]) and r["kl"] > 0 for r in rows)
     summary = json.loads((run / "train-summary.json").read_text())
     assert summary["label_layout_rank0"] == {"examples": 2, "timestamped": 2, "prompted": 1}  # first has no previous
+
+
+def test_the_student_trains_with_the_dropout_of_its_config(tmp_path, speech_folder, micro_teacher):
+    """load_whisper returns eval mode, so without the trainer's train mode a config's dropout is silently off: with
+    the same data and seed, dropout 0.3 must change the first loss. The saved students pad like OpenAI's."""
+    from transformers import WhisperProcessor
+
+    dropped = tmp_path / "dropout-teacher"
+    shutil.copytree(micro_teacher, dropped)
+    config = json.loads((dropped / "config.json").read_text())
+    (dropped / "config.json").write_text(json.dumps({**config, "dropout": 0.3}))
+    first = {}
+    for name, teacher in (("plain", micro_teacher), ("dropout", dropped)):
+        asr_run(write_recipe(tmp_path / f"{name}.yaml", str(teacher), speech_folder, objective={"method": "ce"},
+                             train={"nproc": 1, "max_steps": 1, "save_every": 1}, tracking={"wandb": False},
+                             eval={"limit": 1, "max_new_tokens": 2, "latency_clips": 1, "warmup": 0}), tmp_path / name)
+        first[name] = losses(tmp_path / name)[0]["loss"]
+    assert load_whisper(str(tmp_path / "dropout" / "student")).config.dropout == 0.3
+    assert first["dropout"] != pytest.approx(first["plain"], rel=1e-4), first
+    assert WhisperProcessor.from_pretrained(tmp_path / "plain" / "final").tokenizer.pad_token == "<|endoftext|>"

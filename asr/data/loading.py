@@ -101,10 +101,29 @@ def check_dataset(ref: DatasetRef) -> Path | None:
         return path
     if ref.name.startswith(("/", ".", "~")):
         raise AsrError(f"{ref.name}: no such directory; pass an audiofolder directory or a hub dataset id")
-    if os.environ.get("HF_DATASETS_OFFLINE", "0") == "1" or os.environ.get("HF_HUB_OFFLINE", "0") == "1":
-        raise AsrError(f"{ref.name}: not a local directory, and the hub is offline (HF_HUB_OFFLINE/"
-                       "HF_DATASETS_OFFLINE); pass an audiofolder directory")
+    if hub_offline():
+        check_cached(ref)
     return None
+
+
+def hub_offline() -> bool:
+    """Offline as the user set it (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE): hub datasets then load from the cache."""
+    return any(os.environ.get(v, "0").lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def check_cached(ref: DatasetRef) -> None:
+    """Offline, a hub dataset loads only from the local datasets cache: refuse one that is not there before any
+    work (`datasets` itself decides what its cache holds)."""
+    import datasets
+
+    try:
+        datasets.load_dataset_builder(ref.name, ref.config)
+    except ConnectionError:
+        raise AsrError(f"{ref.name}: not a local directory, and not in the datasets cache "
+                       f"({datasets.config.HF_DATASETS_CACHE}) while the hub is offline (HF_HUB_OFFLINE/"
+                       "HF_DATASETS_OFFLINE); load it once where the hub is reachable, unset those, or pass an "
+                       "audiofolder directory") from None
 
 
 def open_dataset(ref: DatasetRef, streaming: bool = False):

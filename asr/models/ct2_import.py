@@ -19,7 +19,7 @@ import torch
 
 from asr.errors import AsrError
 from asr.models.ct2_reader import Ct2Model, dequantize, read_ct2
-from asr.models.loading import save_whisper
+from asr.models.loading import pad_with_eos, save_whisper
 from asr.models.output_dir import check_overwritable, replace_dir
 from asr.models.registry import IMPORT_STAMP
 
@@ -151,7 +151,8 @@ def repair_tokenizer_json(tokenizer: dict, vocab: list[str]) -> dict:
 
 
 def build_tokenizer(ct2_dir: Path, vocab: list[str]):
-    """A WhisperTokenizer from the repaired tokenizer.json, with special tokens in id order."""
+    """A WhisperTokenizer from the repaired tokenizer.json, with special tokens in id order, padding with
+    end-of-text."""
     from transformers import WhisperTokenizer
 
     source = ct2_dir / "tokenizer.json"
@@ -164,7 +165,7 @@ def build_tokenizer(ct2_dir: Path, vocab: list[str]):
         tok = WhisperTokenizer.from_pretrained(tmp, additional_special_tokens=[a["content"] for a in specials])
     if len(tok) != len(vocab):
         raise AsrError(f"{ct2_dir}: tokenizer has {len(tok)} tokens but the model vocabulary {len(vocab)}")
-    return tok
+    return pad_with_eos(tok)
 
 
 def generation_config(config, vocab: list[str], ct2_config: dict):

@@ -12,10 +12,20 @@ from asr.models.registry import resolve_model
 
 
 def load_processor(ref: str):
-    """Tokenizer + feature extractor of a model (WhisperProcessor)."""
+    """Tokenizer + feature extractor of a model (WhisperProcessor), the tokenizer padding with end-of-text."""
     from transformers import WhisperProcessor
 
-    return WhisperProcessor.from_pretrained(resolve_model(ref))
+    processor = WhisperProcessor.from_pretrained(resolve_model(ref))
+    pad_with_eos(processor.tokenizer)
+    return processor
+
+
+def pad_with_eos(tokenizer):
+    """Pad with `<|endoftext|>`, as OpenAI's Hugging Face checkpoints do: HF's Whisper collators call
+    `tokenizer.pad`, which fails without a pad token (directories imported before it was set have none)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def save_processor(processor, path) -> None:

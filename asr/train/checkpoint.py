@@ -137,8 +137,8 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict, zero_stag
         state = consolidated_state_dict(engine, zero_stage, fp32_source)
         if dist.get_rank() == 0:
             save_whisper(engine.module, tmp / "hf", processor, state_dict=state)
-            (tmp / "state.json").write_text(json.dumps({"step": step, **{k: v for k, v in client_state.items()
-                                                                         if k in ("losses",)}}))
+            (tmp / "state.json").write_text(json.dumps({"step": step, "processes": dist.get_world_size(),
+                                                        **{k: v for k, v in client_state.items() if k in ("losses",)}}))
         dist.barrier()
         if dist.get_rank() == 0:
             _write_atomic(tmp / COMPLETE, json.dumps(_fsync_tree(tmp)))
@@ -177,10 +177,15 @@ def latest_checkpoint(root: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def load_checkpoint(engine, ckpt: Path) -> dict:
-    """Restore engine, optimizer, scheduler and return the client state saved with them."""
+def load_checkpoint(engine, ckpt: Path, processes: int) -> dict:
+    """Restore engine, optimizer, scheduler and return the client state saved with them, on as many `processes`
+    as saved it: ZeRO's optimizer shards, each rank's RNG and its data position belong to that world size."""
     if not is_complete(ckpt):
         raise AsrError(f"{ckpt}: checkpoint is incomplete or truncated; delete it to resume from an earlier one")
+    saved = json.loads((ckpt / "state.json").read_text()).get("processes")  # None: saved before it was recorded
+    if saved is not None and saved != processes:
+        raise AsrError(f"{ckpt}: saved by {saved} processes but this run has {processes}; resume with {saved} "
+                       f"(`asr run --nproc {saved}`, or nodes x processes per node = {saved} under Slurm)")
     _, client_state = engine.load_checkpoint(str(ckpt), tag="ds", load_module_strict=True)
     if client_state is None:
         raise AsrError(f"{ckpt}: DeepSpeed could not load this checkpoint; delete it to resume from an earlier one")

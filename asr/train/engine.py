@@ -1,13 +1,20 @@
-"""DeepSpeed set-up: process group (NCCL on GPUs, gloo on CPU), the ZeRO config from the recipe, torch AdamW."""
+"""DeepSpeed set-up: process group (NCCL on GPUs, gloo on CPU), the ZeRO config from the recipe, torch AdamW.
+
+Every tensor collective of the package goes through `Dist.all_reduce`, which runs it on the run's device: NCCL
+has no CPU tensors, so one CPU tensor handed to it stops a GPU run (`tests/test_engine.py` scans the source).
+"""
 from __future__ import annotations
 
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
+import torch.distributed as dist
 
 from asr.config import OptimConfig, TrainConfig
+from asr.errors import AsrError
 from asr.models.loading import local_device
 from asr.train.objectives import turbo_lr_factor
 
@@ -25,11 +32,20 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def all_reduce(self, values: torch.Tensor | Sequence[float], op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+        """`values` reduced over every rank, on the run's device: numbers are placed there, and a tensor anywhere
+        else is refused here rather than by NCCL at the first collective of a GPU run."""
+        tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values, device=self.device)
+        if tensor.device != self.device:
+            raise AsrError(f"asr/train/engine.py: a collective was handed a tensor on {tensor.device} but the run's "
+                           f"device is {self.device}; pass numbers to Dist.all_reduce, or a tensor on {self.device}")
+        dist.all_reduce(tensor, op=op)
+        return tensor
+
 
 def init_distributed(threads_per_proc: int | None = None) -> Dist:
     """Join the process group started by torchrun/deepspeed (or a world of one) and pick the device."""
     import deepspeed
-    import torch.distributed as dist
 
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")

@@ -88,6 +88,10 @@ class CheckpointBench:
         if "pruned-untrained" not in done:
             self._bench(str(self.run_dir / "student"), "pruned-untrained", 0)
 
+    def benched(self, step: int) -> bool:
+        """Whether the checkpoint of `step` has its records (one saved at preemption is benched after the resume)."""
+        return any(r["model"] == f"step-{step}" for r in self.records())
+
     def checkpoint(self, hf_dir: Path, step: int) -> dict:
         """Bench one checkpoint; means over the synthetic/selection sets, and the WER of every set by name."""
         rows = self._bench(str(hf_dir), f"step-{step}", step)

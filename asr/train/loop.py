@@ -61,6 +61,7 @@ class Trainer:
         self.batches = self.load_data(student)
         self.place_teacher(student)
         self.engine = build_engine(student, self.recipe.train, self.recipe.optim)
+        self.train_mode()
         self.ckpt_root = self.run_dir / "checkpoints"
         self.untimed = 0.0  # seconds spent checkpointing since the last logged step: not training time
         r = self.recipe
@@ -134,6 +135,14 @@ class Trainer:
             check_compatible(student.config.vocab_size, self.teacher_out.shape[0], str(self.run_dir / "student"),
                              r.teacher)
 
+    def train_mode(self) -> None:
+        """Dropout and layerdrop from the student's config on (load_whisper returns eval mode), except in a frozen
+        encoder, whose states must equal those cached and shared with the teacher. The checkpoint bench loads each
+        saved student afresh, in eval mode."""
+        self.engine.train()
+        if self.recipe.train.freeze_encoder:
+            self.engine.module.model.encoder.eval()
+
     def in_memory_batches(self, student, collator: WhisperCollator, text_column: str | None) -> TrainBatches:
         """This rank's shard encoded up front, with cached encoder states and teacher targets where configured."""
         r = self.recipe
@@ -142,9 +151,7 @@ class Trainer:
                               self.stats, text_column=text_column, layout=self.layout())
         self.layout_counts = {"examples": len(examples), "timestamped": sum(e.timestamped for e in examples),
                               "prompted": sum(e.prompted for e in examples)}
-        counts = torch.tensor([len(examples)], dtype=torch.long)
-        dist.all_reduce(counts, op=dist.ReduceOp.MIN)
-        if counts.item() == 0:
+        if self.dist.all_reduce([len(examples)], op=dist.ReduceOp.MIN).item() == 0:
             raise AsrError(f"a rank got no usable training samples from {r.data.train} ({self.stats.summary()}); "
                            "add data or use fewer processes")
         states = None
@@ -196,24 +203,22 @@ class Trainer:
 
     def stop_requested(self) -> bool:
         """Preemption: SIGUSR1/SIGTERM on any rank, or RUN/PREEMPT written by a Slurm batch script."""
-        flag = torch.tensor([1.0 if self._signalled or (self.run_dir / PREEMPT).exists() else 0.0])
-        dist.all_reduce(flag)
-        return flag.item() > 0
+        return self.dist.all_reduce([1.0 if self._signalled or (self.run_dir / PREEMPT).exists() else 0.0]).item() > 0
 
     def _on_signal(self, signum, frame) -> None:
         self._signalled = True
 
     def all_finite(self, loss: torch.Tensor) -> bool:
-        flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
-        dist.all_reduce(flag)
-        return flag.item() == 0.0
+        return self.dist.all_reduce([0.0 if torch.isfinite(loss.detach()).all() else 1.0]).item() == 0.0
 
     # --- the run ---------------------------------------------------------------------------------------
     def resume(self) -> tuple[int, list[dict]]:
         ckpt = latest_checkpoint(self.ckpt_root)
         if ckpt is None:
             return 0, []
-        state = load_checkpoint(self.engine, ckpt)
+        state = load_checkpoint(self.engine, ckpt, self.dist.world)
+        if self.bench is not None and not self.bench.benched(state["step"]):  # saved at preemption: bench it now
+            self.bench_checkpoint(ckpt, state["step"])
         torch.set_rng_state(state["rng"][self.dist.rank]["torch"])
         np.random.set_state(state["rng"][self.dist.rank]["numpy"])
         random.setstate(state["rng"][self.dist.rank]["python"])
@@ -231,41 +236,49 @@ class Trainer:
         dist.all_gather_object(gathered, mine)
         return gathered
 
-    def checkpoint(self, step: int, history: list[dict]) -> None:
+    def checkpoint(self, step: int, history: list[dict], bench: bool = True) -> None:
+        """Save (collective), then bench on rank 0 unless `bench` is off: a preemption checkpoint must fit Slurm's
+        warning window, so it is benched after the resume."""
         started = time.perf_counter()
         streaming = isinstance(self.batches, StreamingBatches)  # in-memory batches are a function of the step
         client = {"step": step, "history": history, "rng": self.rng_states(),
                   "data": self.gather(self.batches.state()) if streaming else None}
         ckpt = save_checkpoint(self.engine, self.ckpt_root, step, client, self.recipe.train.zero_stage, self.processor,
                                fp32_source=self.run_dir / "student" if self.bf16 else None)
-        best = None
-        if self.bench is not None:
-            record = self.bench.checkpoint(ckpt / "hf", step)
-            self.tracker.log({"eval/wer": record["wer"], "eval/cer": record["cer"],
-                              "eval/repetition_rate": record["repetition_rate"],
-                              "eval/decoder_ms_per_token": record["latency"]["decoder_ms_per_token_p50"],
-                              **{f"eval/wer/{name}": wer for name, wer in record["wer_by_dataset"].items()}}, step)
-            best = self.bench.best_checkpoint(self.ckpt_root)
-            prune_checkpoints(self.ckpt_root, self.recipe.train.keep_last, best)
+        if bench:
+            self.bench_checkpoint(ckpt, step)
         dist.barrier()
         self.untimed += time.perf_counter() - started
+
+    def bench_checkpoint(self, ckpt: Path, step: int) -> None:
+        """Rank 0: bench a saved checkpoint, log it, and prune the old ones (keeping the best)."""
+        if self.bench is None:
+            return
+        record = self.bench.checkpoint(ckpt / "hf", step)
+        self.tracker.log({"eval/wer": record["wer"], "eval/cer": record["cer"],
+                          "eval/repetition_rate": record["repetition_rate"],
+                          "eval/decoder_ms_per_token": record["latency"]["decoder_ms_per_token_p50"],
+                          **{f"eval/wer/{name}": wer for name, wer in record["wer_by_dataset"].items()}}, step)
+        prune_checkpoints(self.ckpt_root, self.recipe.train.keep_last, self.bench.best_checkpoint(self.ckpt_root))
 
     def save_if_due(self, step: int, history: list[dict]) -> bool:
         """Checkpoint every save_every steps and at the end, or now if preemption is requested (then True: stop)."""
         t = self.recipe.train
         stop = step < t.max_steps and self.stop_requested()
         if stop or step % t.save_every == 0 or step == t.max_steps:
-            self.checkpoint(step, history)
+            self.checkpoint(step, history, bench=not stop)
         if not stop:
             return False
         if self.dist.is_main:
             (self.run_dir / PREEMPTED).write_text(str(step))
-            print(f"preempted: checkpoint at step {step} saved; re-run to resume", flush=True)
+            print(f"preempted: checkpoint at step {step} saved (benched after the resume); re-run to resume",
+                  flush=True)
         return True
 
     def train_step(self, step: int) -> tuple[dict[str, float] | None, int, int]:
         """One optimizer step over grad_accum micro-batches: (mean loss parts, or None when a loss was not finite
-        on some rank and the gradients were dropped; samples; labelled tokens), counts over all ranks."""
+        on some rank and the gradients were dropped; samples; labelled tokens), counts over all ranks. With
+        grad_accum > 1 a non-finite loss stops the run instead (every rank at once)."""
         t = self.recipe.train
         parts_sum: dict[str, float] = {}
         samples, tokens = 0, 0
@@ -275,6 +288,10 @@ class Trainer:
             tokens += int((batch["labels"] != IGNORE_INDEX).sum()) * self.dist.world
             parts = self.losses(batch)
             if not self.all_finite(parts["loss"]):
+                if t.grad_accum > 1:  # DeepSpeed holds this window's earlier micro-batches: no clean skip
+                    raise AsrError(f"non-finite loss at step {step + 1} (micro-batch {micro + 1} of {t.grad_accum}); "
+                                   "with train.grad_accum > 1 it cannot be skipped: re-run to resume from the last "
+                                   "checkpoint with a lower optim.lr, or set train.grad_accum=1 to skip such steps")
                 self.engine.optimizer.zero_grad()
                 return None, samples, tokens
             self.engine.backward(parts["loss"])
@@ -314,8 +331,7 @@ class Trainer:
                     return history
                 continue
             bad_in_row = 0
-            mean = torch.tensor([parts_sum[k] for k in sorted(parts_sum)])
-            dist.all_reduce(mean)
+            mean = self.dist.all_reduce([parts_sum[k] for k in sorted(parts_sum)])
             row = {"step": step + 1, **{k: v / self.dist.world for k, v in zip(sorted(parts_sum), mean.tolist())},
                    "lr": lr}
             history.append(row)

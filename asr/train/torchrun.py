@@ -8,13 +8,12 @@ from pathlib import Path
 
 
 def training_env() -> dict[str, str]:
-    """Environment for ranks: compiled DeepSpeed ops cached in the venv, hub offline unless the user says so."""
+    """Environment for ranks: compiled DeepSpeed ops cached in the venv; the hub online or offline as the user set
+    it (offline, hub datasets and models load from the local caches)."""
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     # the venv's ninja first: a different ninja changes the build command and recompiles DeepSpeed's ops
     env["PATH"] = f"{Path(sys.prefix) / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("HF_DATASETS_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("WANDB_SILENT", "true")
     return env
