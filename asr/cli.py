@@ -283,7 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list) \
+            and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra  # key=value after an option (`asr run R --run-dir D k=v`) is an override too
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not args.debug:  # generate() repeats config warnings per call; --debug shows them
         os.environ["TRANSFORMERS_VERBOSITY"] = "error"  # inherited by training ranks, local or under Slurm
     try:

@@ -138,7 +138,7 @@ def test_labels_mask_prefix_and_padding_and_teacher_forcing_gives_low_loss(speec
 def test_timestamped_and_prompted_layout_masks_the_prompt_and_the_teacher_reads_it(speech):
     """The long-form layout (issue 16): timestamps around each timed sentence, no <|notimestamps|>, and a
     previous-text prompt that the loss never covers; the real teacher, teacher-forced, predicts it well."""
-    from asr.data.features import LayoutPolicy, label_layout, timestamp_token
+    from asr.data.features import label_layout, timestamp_token
 
     processor, model = load_processor("whisper-base"), load_whisper("whisper-base")
     tok, gen = processor.tokenizer, model.generation_config

@@ -72,6 +72,10 @@ def test_cli_ls_cp_validate(tmp_path):
     bad = asr("validate", "quickstart", "train.zero_stag=2")
     assert bad.returncode == 2 and bad.stderr.startswith("error: train.zero_stag: unknown key")
     assert "Traceback" not in bad.stderr
+    late = asr("run", "quickstart", "--run-dir", str(tmp_path / "r"), "train.zero_stag=2")  # override after an option
+    assert late.returncode == 2 and late.stderr.startswith("error: train.zero_stag: unknown key")
+    stray = asr("run", "quickstart", "--run-dir", str(tmp_path / "r"), "--bogus")
+    assert stray.returncode == 2 and "unrecognized arguments: --bogus" in stray.stderr
     with pytest.raises(AsrError, match="no such recipe"):
         copy_recipe("nope", tmp_path)
 
