@@ -35,7 +35,15 @@ def _data_synth(args: argparse.Namespace) -> None:
     from asr.data.synth import build_corpus
 
     build_corpus(Path(args.out), split=args.split, num=args.num, seed=args.seed, workers=args.workers,
-                 languages=tuple(args.languages.split(",")))  # prints its own summary line
+                 languages=tuple(args.languages.split(",")), sentences=_sentences(args.sentences))  # prints a summary
+
+
+def _sentences(text: str) -> tuple[int, int]:
+    try:
+        low, high = (int(x) for x in text.split(","))
+    except ValueError:
+        raise AsrError(f"--sentences takes LOW,HIGH (e.g. 1,4), got {text!r}") from None
+    return low, high
 
 
 def _data_real(args: argparse.Namespace) -> None:
@@ -169,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     synth.add_argument("--languages", default="en", help="comma-separated, e.g. en,de,es,fr,it")
+    synth.add_argument("--sentences", default="1,1",
+                       help="sentences per clip LOW,HIGH (one voice, pauses between; each timed in `segments`)")
     synth.set_defaults(func=_data_synth)
     real = data.add_parser("real", help="real human recordings for evaluation (Debian packages, offline)")
     real.add_argument("--lang", required=True, help="a language of data/real.yaml: it or ru")
