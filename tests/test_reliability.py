@@ -405,8 +405,12 @@ def test_out_of_range_audio_is_skipped_and_counted(tmp_path, speech_folder):
      "objective.teacher_cache: cached teacher targets belong to pseudo-labels; set data.pseudo_label"),
     ({"objective": {"method": "kd", "teacher_cache": "states"}}, ["data.pseudo_label.top_k=4"],
      "objective.teacher_cache=states needs those teacher targets stored: set data.pseudo_label.teacher_states=true"),
+    ({"objective": {"method": "kd", "teacher_cache": "states"}},
+     ["data.pseudo_label.teacher_states=true", "data.condition_on_prev_probability=0.2"],
+     "data.condition_on_prev_probability=0.2 changes what the teacher reads, but objective.teacher_cache replays"),
+    ({}, ["data.synth_train={num: 2, sentences: [3, 1]}"], "data.synth_train.sentences must be [low, high]"),
 ], ids=["unknown-key", "wrong-type", "wrong-type-override", "unknown-teacher", "missing-data", "non-utf8-metadata",
-        "cache-without-pseudo-labels", "cache-of-targets-not-stored"])
+        "cache-without-pseudo-labels", "cache-of-targets-not-stored", "cache-with-prompts", "sentences-reversed"])
 def test_configuration_errors_stop_before_any_work(tmp_path, micro_teacher, speech_folder, latin1_folder, edit,
                                                    overrides, message):
     recipe = fast_recipe(tmp_path / "recipe.yaml", micro_teacher, speech_folder, speech_folder)
