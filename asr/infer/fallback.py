@@ -15,6 +15,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 from asr.infer.engines import Decoded
+from asr.infer.transcribe import text_of
 from asr.models.loading import prompt_ids
 
 
@@ -61,8 +62,8 @@ class FallbackEngine:
         return decoded
 
     def fails(self, states: torch.Tensor, decoded: Decoded, language: str) -> bool:
-        text = self.tokenizer.decode([t for t in decoded.tokens if t < self.eos_token_id], skip_special_tokens=True)
-        if compression_ratio(text) > self.policy.compression_ratio_threshold:
+        if compression_ratio(text_of(self.tokenizer, decoded.tokens, self.eos_token_id)) \
+                > self.policy.compression_ratio_threshold:
             return True
         return self.mean_logprob(states, decoded, language) < self.policy.logprob_threshold
 
