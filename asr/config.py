@@ -63,6 +63,10 @@ class DataConfig:
     synth_eval: SynthConfig | None = None
     # real human recordings evaluated at every checkpoint, by language (`asr data real`: it, ru); never trained on
     real_eval: list[str] = field(default_factory=list)
+    # the sets that choose `final/` (lowest mean WER), so the test sets above report numbers nobody chose on;
+    # without any, the choice falls back to the non-real eval sets and the report says so
+    dev: list[str] = field(default_factory=list)
+    synth_dev: SynthConfig | None = None
     train_limit: int | None = None
     language: str = "en"  # used when a dataset has no language column
     max_label_tokens: int = 200

@@ -79,7 +79,7 @@ def check_recipe(recipe: Recipe) -> None:
         if value and cache:
             raise AsrError(f"data.{key}={value} changes what the teacher reads, but objective.teacher_cache replays "
                            f"targets computed without it; set data.{key}=0 or objective.teacher_cache=false")
-    for key, spec in (("synth_train", data.synth_train), ("synth_eval", data.synth_eval)):
+    for key, spec in (("synth_train", data.synth_train), ("synth_eval", data.synth_eval), ("synth_dev", data.synth_dev)):
         if spec is not None and not (len(spec.sentences) == 2 and 1 <= spec.sentences[0] <= spec.sentences[1]):
             raise AsrError(f"data.{key}.sentences must be [low, high] with 1 <= low <= high, e.g. [1, 4]; "
                            f"got {spec.sentences}")
@@ -94,6 +94,14 @@ def check_recipe(recipe: Recipe) -> None:
         real_source(language)
     for ref in data.train:
         refuse_for_training(ref, "training (data.train)")
+    for ref in data.dev:
+        refuse_for_training(ref, "choosing the final checkpoint (data.dev)")
+    shared = sorted(set(data.dev) & set(data.eval))
+    if shared or (data.synth_dev and data.synth_eval and data.synth_dev.seed == data.synth_eval.seed
+                  and data.synth_dev.split == data.synth_eval.split):
+        raise AsrError(f"data.dev and data.eval share {', '.join(shared) or 'synthetic clips (same split and seed)'}: "
+                       "a set that chooses final/ cannot also report its WER; use another split or another "
+                       "data.synth_dev.seed")
     if recipe.prune.calibration:
         refuse_for_training(recipe.prune.calibration, "layer selection (prune.calibration)")
     spec = data.pseudo_label
@@ -114,16 +122,18 @@ def resolve_data(recipe: Recipe) -> Recipe:
     check_recipe(recipe)
     data = recipe.data
     train = data.train + ([synth_dataset(data.synth_train)] if data.synth_train else [])
-    synth_evals = [dataclasses.replace(data.synth_eval, languages=[lang]) for lang in data.synth_eval.languages] \
-        if data.synth_eval else []  # one eval set per language, so each has its own WER column
-    evals = data.eval + [synth_dataset(spec) for spec in synth_evals] \
-        + [real_dataset(language) for language in data.real_eval]
+    evals = data.eval + _synth_per_language(data.synth_eval) + [real_dataset(language) for language in data.real_eval]
     labels = data.labels
     if data.pseudo_label is not None:
         train, labels = [pseudo_labelled(recipe, t) for t in train], "pseudo"
-    return dataclasses.replace(recipe, data=dataclasses.replace(data, train=train, eval=evals, labels=labels,
-                                                                synth_train=None, synth_eval=None, real_eval=[],
-                                                                pseudo_label=None))
+    return dataclasses.replace(recipe, data=dataclasses.replace(
+        data, train=train, eval=evals, dev=data.dev + _synth_per_language(data.synth_dev), labels=labels,
+        synth_train=None, synth_eval=None, synth_dev=None, real_eval=[], pseudo_label=None))
+
+
+def _synth_per_language(spec: SynthConfig | None) -> list[str]:
+    """One synthetic set per language, so each has its own WER column."""
+    return [synth_dataset(dataclasses.replace(spec, languages=[lang])) for lang in spec.languages] if spec else []
 
 
 def validate_recipe(recipe_path: Path, overrides: list[str]) -> Recipe:
@@ -152,7 +162,8 @@ def check_inputs(recipe: Recipe) -> None:
         if unknown:
             raise AsrError(f"data.real_eval: {recipe.teacher} does not transcribe {', '.join(unknown)} (English-only "
                            "or without that language); drop them from data.real_eval or use a multilingual teacher")
-    refs = [(f"data.{key}[{i}]", ref) for key in ("train", "eval") for i, ref in enumerate(getattr(recipe.data, key))]
+    refs = [(f"data.{key}[{i}]", ref) for key in ("train", "eval", "dev")
+            for i, ref in enumerate(getattr(recipe.data, key))]
     for key, ref in refs + ([("prune.calibration", recipe.prune.calibration)] if recipe.prune.calibration else []):
         try:
             check_dataset(DatasetRef.parse(ref))

@@ -43,13 +43,17 @@ def plot_report(records: list[dict], history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+_ROLES = {"test": "test", "real": "real recordings", "dev": "dev, chooses final"}
+
+
 def wer_by_set(records: list[dict]) -> str:
-    """WER per model (rows) and eval set (columns), synthetic sets first, then real recordings, each so marked:
-    synthetic speech flatters students, so the two are never averaged together."""
-    sets = sorted({r["dataset"]: bool(r.get("real_speech")) for r in records}.items(), key=lambda d: (d[1], d[0]))
+    """WER per model (rows) and eval set (columns): test sets first, then real recordings, then the dev sets that
+    chose final/, each so marked: synthetic speech flatters students, so the kinds are never averaged together."""
+    roles = {r["dataset"]: r.get("role") or ("real" if r.get("real_speech") else "test") for r in records}
+    sets = sorted(roles.items(), key=lambda d: (list(_ROLES).index(d[1]), d[0]))
     models = list(dict.fromkeys(r["model"] for r in records))
     wer = {(r["model"], r["dataset"]): r["wer"] for r in records}
-    head = "| model | " + " | ".join(f"{name} ({'real' if real else 'synthetic'}) WER" for name, real in sets) + " |"
+    head = "| model | " + " | ".join(f"{name} ({_ROLES[role]}) WER" for name, role in sets) + " |"
     lines = [head, "|" + "---|" * (len(sets) + 1)]
     for model in models:
         cells = [wer.get((model, name)) for name, _ in sets]

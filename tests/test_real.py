@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,11 +88,14 @@ def test_whisper_base_transcribes_real_italian(real_it, tmp_path):
 
 def test_a_run_reports_real_speech_apart_and_never_chooses_on_it(tmp_path, micro_teacher, micro_multilingual_teacher,
                                                                   speech_folder):
-    """data.real_eval: real Italian at every checkpoint, its own column, and final/ chosen on the synthetic set."""
+    """data.real_eval: real Italian at every checkpoint, its own column; final/ chosen on the dev set (untimed)."""
     import yaml
 
+    dev = tmp_path / "dev-set"
+    shutil.copytree(speech_folder, dev)
     recipe = {"name": "real", "teacher": str(micro_multilingual_teacher), "prune": {"keep": [0, 3]},
-              "data": {"train": [str(speech_folder)], "eval": [str(speech_folder)], "real_eval": ["it"]},
+              "data": {"train": [str(speech_folder)], "eval": [str(speech_folder)], "real_eval": ["it"],
+                       "dev": [str(dev)]},
               "objective": {"method": "ce"}, "optim": {"lr": 1e-3},
               "train": {"max_steps": 2, "batch_size": 2, "save_every": 1, "nproc": 2, "keep_last": 5},
               "eval": {"limit": 2, "batch_size": 2, "max_new_tokens": 4, "latency_clips": 1, "warmup": 0},
@@ -108,9 +112,14 @@ def test_a_run_reports_real_speech_apart_and_never_chooses_on_it(tmp_path, micro
     stored = yaml.safe_load((run / "recipe.yaml").read_text())
     assert stored["data"]["eval"][-1].endswith("real/real-it") and stored["data"]["real_eval"] == []
     bench = [json.loads(line) for line in (run / "bench" / "checkpoints.jsonl").read_text().splitlines()]
-    assert [(r["model"], r["dataset"], r["real_speech"]) for r in bench if r["model"] == "step-2"] == [
-        ("step-2", speech_folder.name, False), ("step-2", "real-it", True)]
+    assert [(r["model"], r["dataset"], r["role"], "latency" in r) for r in bench if r["model"] == "step-2"] == [
+        ("step-2", "dev-set", "dev", False), ("step-2", speech_folder.name, "test", True),
+        ("step-2", "real-it", "real", True)]
     report = (run / "report.md").read_text()
-    assert f"| model | {speech_folder.name} (synthetic) WER | real-it (real) WER |" in report
+    assert (f"| model | {speech_folder.name} (test) WER | real-it (real recordings) WER | dev-set (dev, chooses final) "
+            "WER |") in report
     assert "Teacher latency: the median of its 3 timings paired clip by clip" in report
-    assert (run / "final" / "SOURCE").read_text().strip().endswith(f"(lowest WER on {speech_folder})")
+    assert (run / "final" / "SOURCE").read_text().strip().endswith("(lowest WER on dev-set)")
+    shared = asr("validate", str(tmp_path / "r.yaml"), f"data.dev=[{speech_folder}]")
+    assert shared.returncode == 2 and shared.stderr.startswith(
+        f"error: data.dev and data.eval share {speech_folder}: a set that chooses final/ cannot also report")

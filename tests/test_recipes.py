@@ -122,7 +122,7 @@ def test_large_recipes_run_two_steps_scaled_down(tmp_path, name, decoder_layers,
     # a random-weight teacher's pseudo-labels would all be filtered out: the stage has its own test with tiny.en
     labels = ["data.pseudo_label=null", "data.labels=gold"] if name == "distil-large-v3" else []
     proc = asr("run", name, f"teacher={scaled_large_v3}", f"data.train=[{speech_folder}]",
-               f"data.eval=[{speech_folder}]", *labels, *FAST, "--run-dir", str(run))
+               f"data.eval=[{speech_folder}]", "data.dev=[]", *labels, *FAST, "--run-dir", str(run))
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:])
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     assert recipe["name"] == name and recipe["optim"]["schedule"] == "linear"

@@ -35,5 +35,12 @@ def test_wer_by_set_puts_real_recordings_in_their_own_columns():
     records = [_record("teacher", "test-n40", 0.142, 17, 100), _record("teacher", "real-it", 0.186, 17, 100, True),
                _record("step-200", "real-it", 0.40, 12, 70, True), _record("step-200", "test-n40", 0.315, 12, 70)]
     assert wer_by_set(records).splitlines() == [
-        "| model | test-n40 (synthetic) WER | real-it (real) WER |", "|---|---|---|",
+        "| model | test-n40 (test) WER | real-it (real recordings) WER |", "|---|---|---|",
         "| teacher | 14.2% | 18.6% |", "| step-200 | 31.5% | 40.0% |"]
+
+
+def test_wer_by_set_puts_the_dev_sets_that_chose_last_and_marks_them():
+    dev = dict(_record("step-200", "dev-n20", 0.29, 12, 70), role="dev")
+    records = [dev, _record("step-200", "real-it", 0.40, 12, 70, True), _record("step-200", "test-n40", 0.315, 12, 70)]
+    assert wer_by_set(records).splitlines()[0] == (
+        "| model | test-n40 (test) WER | real-it (real recordings) WER | dev-n20 (dev, chooses final) WER |")

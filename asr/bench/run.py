@@ -202,7 +202,7 @@ def add_ratios(records: list[dict], teachers: dict[str, str]) -> None:
     for r in records:
         teacher = by_key.get((teachers[r["model"]], r["dataset"]))
         r["teacher"] = teachers[r["model"]]
-        if teacher is None:
+        if teacher is None or "latency" not in r:  # dev sets (they only choose final/) are not timed
             continue
         r["predicted_decoder_ratio"] = r["decoder_weights_per_token"] / teacher["decoder_weights_per_token"]
         # a teacher timing taken interleaved with this model's (training checkpoints) beats the teacher's own row

@@ -31,8 +31,11 @@ class CheckpointBench:
         self.opts = BenchOptions(limit=e.limit, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
                                  latency_clips=e.latency_clips, warmup=e.warmup)
         real_limit = e.limit if e.real_limit is None else e.real_limit
-        self.datasets = [load_eval_samples(d, real_limit if is_real(d) else e.limit) for d in recipe.data.eval]
-        self.real = {label: is_real(d) for d, (label, _, _) in zip(recipe.data.eval, self.datasets)}
+        refs = [(d, "dev") for d in recipe.data.dev] + [(d, "real" if is_real(d) else "test") for d in recipe.data.eval]
+        self.datasets = [load_eval_samples(d, real_limit if role == "real" else e.limit) for d, role in refs]
+        self.roles = {label: role for (_, role), (label, _, _) in zip(refs, self.datasets)}
+        # final/ is chosen on the dev sets; without any, on the test sets (never on real recordings)
+        self.chosen_role = "dev" if recipe.data.dev else "test"
         self.run_dir = run_dir
         self.memos: dict[tuple[str, str], dict] = {}  # frozen encoder: its states are computed once per clip
         self._teacher_engine: tuple[HfEngine, object] | None = None  # loaded once, timed next to each checkpoint
@@ -63,8 +66,9 @@ class CheckpointBench:
                 memo = self.memos.setdefault((encoder, label), {})
                 record = bench_one(engine, processor, model, label, samples, self.opts, self.out, memo,
                                    latency=False, stats=stats)
-                record.update(step=step, path=model_dir, real_speech=self.real[label],
-                              **self._latency(engine, processor, samples, label))
+                role = self.roles[label]
+                record.update(step=step, path=model_dir, role=role, real_speech=role == "real",
+                              **({} if role == "dev" else self._latency(engine, processor, samples, label)))
                 rows.append(record)
         finally:
             torch.set_num_threads(threads)
@@ -93,20 +97,27 @@ class CheckpointBench:
         return any(r["model"] == f"step-{step}" for r in self.records())
 
     def checkpoint(self, hf_dir: Path, step: int) -> dict:
-        """Bench one checkpoint; means over the synthetic/selection sets, and the WER of every set by name."""
+        """Bench one checkpoint; means over the sets that choose final/, and the WER of every set by name."""
         rows = self._bench(str(hf_dir), f"step-{step}", step)
-        chosen = [r for r in rows if not r.get("real_speech")] or rows
+        chosen = [r for r in rows if self._chooses(r)] or rows
         return {"wer": _mean(chosen, "wer"), "cer": _mean(chosen, "cer"),
-                "repetition_rate": _mean(chosen, "repetition_rate"), "latency": rows[0]["latency"],
+                "repetition_rate": _mean(chosen, "repetition_rate"),
+                "latency": next(r["latency"] for r in rows if "latency" in r),
                 "wer_by_dataset": {r["dataset"]: r["wer"] for r in rows}}
 
+    def _chooses(self, record: dict) -> bool:
+        """Whether a record's set chooses final/: the dev sets, else the test sets. Real recordings only report
+        (choosing on them would tune on them). Records written before roles existed carry only `real_speech`."""
+        role = record.get("role") or ("real" if record.get("real_speech") else "test")
+        return role == self.chosen_role
+
     def best_checkpoint(self, ckpt_root: Path) -> Path | None:
-        """The existing checkpoint with the lowest mean WER over the eval sets that are not real recordings (those
-        only report: choosing on them would tune on them); the newest when there are only real ones."""
+        """The existing checkpoint with the lowest mean WER over the sets that choose (see `_chooses`); the
+        newest when there are none."""
         by_step: dict[int, list[dict]] = {}
         for r in self.records():
             if r["model"].startswith("step-"):
-                by_step.setdefault(r["step"], []).extend([r] if not r.get("real_speech") else [])
+                by_step.setdefault(r["step"], []).extend([r] if self._chooses(r) else [])
         ranked = sorted(by_step, key=lambda s: (_mean(by_step[s], "wer"), -s))
         for step in ranked:
             path = ckpt_root / f"step-{step:06d}"
@@ -128,8 +139,9 @@ class CheckpointBench:
         tmp = final.with_name("final.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(best / "hf", tmp)
-        chosen_on = [d for d in self.recipe.data.eval if not is_real(d)]
-        (tmp / "SOURCE").write_text(f"{best.name} (lowest WER on {', '.join(chosen_on)})\n" if chosen_on
+        chosen_on = [label for label, role in self.roles.items() if role == self.chosen_role]
+        caveat = "" if self.chosen_role == "dev" else "; no data.dev set, so the test sets chose it"
+        (tmp / "SOURCE").write_text(f"{best.name} (lowest WER on {', '.join(chosen_on)}{caveat})\n" if chosen_on
                                     else f"{best.name} (the newest: real recordings are not used to choose)\n")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
