@@ -7,7 +7,7 @@ APT_PACKAGES := libavutil57 libavcodec59 libavformat59 libavdevice59 libavfilter
 	espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts \
 	wordnet-base sword-text-web diatheke slurmctld slurmd slurm-client munge \
 	asterisk-core-sounds-it asterisk-core-sounds-it-wav asterisk-core-sounds-ru asterisk-core-sounds-ru-wav \
-	festvox-italp16k festvox-itapc16k festvox-ru fortunes-it fortunes-ru fortunes-de fortunes-es ffmpeg
+	festvox-italp16k festvox-itapc16k festvox-ru fortunes fortunes-min fortunes-it fortunes-ru fortunes-de fortunes-es ffmpeg
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions

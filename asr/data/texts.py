@@ -105,17 +105,30 @@ def _chatterbot() -> Iterable[str]:
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 _ASCII_ACCENT = re.compile(r"[aeiouAEIOU]'(?![^\W\d_])")  # "perche'" for "perché": unknown accent, drop
 HELD_OUT_PARTS = 10  # `fortunes:<lang>:heldout` is the sentences whose crc32 is 0 mod this; train gets the rest
+# English fortunes (Debian `fortunes` and `fortunes-min`) sit in the top directory beside fortunes-it's files, so
+# they are named. Left out: pictures (art, ascii-art), code and jargon (computers, debian, linux, linuxcookie,
+# perl, knghtbrd), word salad (zippy, translate-me) and the disclaimer.
+EN_FORTUNE_FILES = (
+    "cookie", "definitions", "drugs", "education", "ethnic", "food", "fortunes", "goedel", "humorists", "kids",
+    "law", "literature", "love", "magic", "medicine", "men-women", "miscellaneous", "news", "paradoxum", "people",
+    "pets", "platitudes", "politics", "pratchett", "riddles", "science", "songs-poems", "sports", "startrek",
+    "tao", "wisdom", "work")
 
 
 def _fortunes(lang: str) -> Iterable[str]:
-    """Sayings and quotations of Debian's fortunes-<lang> (GPL; files under `off/`, the offensive set, are
+    """Sayings and quotations of Debian's fortunes-<lang> (`fortunes` for en; GPL; files under `off/`, the offensive set, are
     left out): entries split on `%` lines, `-- author` attributions dropped, then split into sentences.
     Sentences writing an accent as a trailing apostrophe are dropped: a student must not learn that spelling."""
-    files = sorted(p for p in (FORTUNES_DIR / lang).glob("*")
-                   if p.is_file() and not p.is_symlink() and p.suffix != ".dat")
+    if lang == "en":
+        files = [p for p in (FORTUNES_DIR / name for name in EN_FORTUNE_FILES) if p.is_file()]
+        package = "fortunes fortunes-min"
+    else:
+        files = sorted(p for p in (FORTUNES_DIR / lang).glob("*")
+                       if p.is_file() and not p.is_symlink() and p.suffix != ".dat")
+        package = f"fortunes-{lang}"
     if not files:
-        raise AsrError(f"text source fortunes:{lang} needs {FORTUNES_DIR / lang}; "
-                       f"run: sudo apt-get install fortunes-{lang}")
+        raise AsrError(f"text source fortunes:{lang} needs Debian's {package} under {FORTUNES_DIR}; "
+                       f"run: sudo apt-get install {package}")
     for path in files:
         text = path.read_bytes().decode("utf-8", errors="replace")
         for entry in re.split(r"\n%\n", text):
