@@ -68,7 +68,9 @@ class DataConfig:
     dev: list[str] = field(default_factory=list)
     synth_dev: SynthConfig | None = None
     train_limit: int | None = None
-    language: str = "en"  # used when a dataset has no language column
+    # the language of datasets whose rows do not say theirs (no language column, no `;language=`); unset, such a
+    # dataset is English for an English-only teacher and stops the run before any work for a multilingual one
+    language: str | None = None
     max_label_tokens: int = 200
     # share of training samples with timestamped targets / a previous-text prompt (Whisper's long-form needs
     # both); unset: distil-whisper's 0.2 where a clip's sentences are timed (`asr data synth` writes them), else 0
@@ -77,6 +79,11 @@ class DataConfig:
     streaming: bool = False  # train reading the data as it goes (hub scale); checkpoints keep the position
     labels: Literal["gold", "pseudo"] = "gold"  # pseudo: train on the `pseudo_label` column (`asr pseudo-label`)
     pseudo_label: PseudoLabelConfig | None = None  # set: pseudo-label data.train first (implies labels: pseudo)
+
+    @property
+    def fallback_language(self) -> str:
+        """The language of rows that do not say theirs (check_inputs has refused them where English is a guess)."""
+        return self.language or "en"
 
 
 @dataclass

@@ -56,11 +56,11 @@ def pseudo_labelled(recipe: Recipe, data: str) -> str:
     spec, d = recipe.data.pseudo_label, recipe.data
     source = str(Path(data).resolve()) if Path(data).exists() else data
     temperature = recipe.objective.temperature if spec.top_k else None  # the stored top-K's temperature
-    identity = json.dumps([recipe.teacher, source, dataclasses.asdict(spec), d.language, d.train_limit]
+    identity = json.dumps([recipe.teacher, source, dataclasses.asdict(spec), d.fallback_language, d.train_limit]
                           + ([temperature] if temperature is not None else []))
     out = cache_dir() / "pseudo" / f"{DatasetRef.parse(data).label}-{hashlib.sha1(identity.encode()).hexdigest()[:10]}"
     opts = PseudoLabelOptions(wer_threshold=spec.wer_threshold, top_k=spec.top_k, max_new_tokens=spec.max_new_tokens,
-                              language=d.language, nproc=recipe.train.nproc, batch_size=spec.batch_size,
+                              language=d.fallback_language, nproc=recipe.train.nproc, batch_size=spec.batch_size,
                               limit=d.train_limit, temperature=recipe.objective.temperature,
                               teacher_states=spec.teacher_states)
     print(summary_line(pseudo_label(recipe.teacher, data, out, opts)), flush=True)
@@ -147,28 +147,33 @@ def validate_recipe(recipe_path: Path, overrides: list[str]) -> Recipe:
 
 def check_inputs(recipe: Recipe) -> None:
     """A teacher or dataset that cannot load stops the run before its directory exists; errors name the key."""
-    from asr.data.loading import DatasetRef, check_dataset
+    from asr.data.loading import DatasetRef, check_dataset, rows_say_language
     from asr.models.registry import resolve_model
 
     try:
         teacher = resolve_model(recipe.teacher)
     except AsrError as exc:
         raise AsrError(f"teacher: {exc}") from None
-    if recipe.data.real_eval:
-        from transformers import GenerationConfig
+    from transformers import GenerationConfig
 
-        languages = getattr(GenerationConfig.from_pretrained(teacher), "lang_to_id", None) or {}
-        unknown = [lang for lang in recipe.data.real_eval if f"<|{lang}|>" not in languages]
-        if unknown:
-            raise AsrError(f"data.real_eval: {recipe.teacher} does not transcribe {', '.join(unknown)} (English-only "
-                           "or without that language); drop them from data.real_eval or use a multilingual teacher")
+    languages = getattr(GenerationConfig.from_pretrained(teacher), "lang_to_id", None) or {}
+    unknown = [lang for lang in recipe.data.real_eval if f"<|{lang}|>" not in languages]
+    if unknown:
+        raise AsrError(f"data.real_eval: {recipe.teacher} does not transcribe {', '.join(unknown)} (English-only "
+                       "or without that language); drop them from data.real_eval or use a multilingual teacher")
     refs = [(f"data.{key}[{i}]", ref) for key in ("train", "eval", "dev")
             for i, ref in enumerate(getattr(recipe.data, key))]
     for key, ref in refs + ([("prune.calibration", recipe.prune.calibration)] if recipe.prune.calibration else []):
         try:
-            check_dataset(DatasetRef.parse(ref))
+            parsed = DatasetRef.parse(ref)
+            check_dataset(parsed)
+            says_language = rows_say_language(parsed)
         except AsrError as exc:
             raise AsrError(f"{key}: {exc}") from None
+        if says_language is False and len(languages) > 1 and recipe.data.language is None:
+            raise AsrError(f"{key}: {ref} does not say its language (no language column) and {recipe.teacher} "
+                           f"speaks {len(languages)}; name it, e.g. {ref.split(';')[0]};language=de, or set "
+                           "data.language for every such dataset")
 
 
 def versions() -> dict:

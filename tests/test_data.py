@@ -17,7 +17,7 @@ import torch
 from conftest import write_metadata
 
 from asr.data.features import IGNORE_INDEX, WhisperCollator, encode_sample
-from asr.data.loading import DatasetRef, Sample, SkipStats, iter_samples, open_dataset
+from asr.data.loading import DatasetRef, Sample, SkipStats, iter_samples, open_dataset, rows_say_language
 from asr.errors import AsrError
 from asr.models.loading import load_processor, load_whisper, prompt_ids
 
@@ -62,6 +62,17 @@ def test_bad_samples_are_skipped_and_counted_by_reason(hostile_folder):
     assert dict(stats.counts) == {"undecodable audio": 1, "empty or silent audio": 1, "audio over 30 s": 1,
                                   "empty transcript": 1, "missing audio file": 1}
     assert "missing.wav" in stats.summary() and "corrupt.wav" in stats.summary()
+
+
+def test_a_reference_names_the_language_its_rows_lack(hostile_folder):
+    """Multilingual LibriSpeech has no language column: `;language=` gives every row one, in memory and streamed."""
+    ref = DatasetRef.parse(f"{hostile_folder};language=it")
+    assert (ref.name, ref.language, ref.label) == (str(hostile_folder), "it", hostile_folder.name)
+    assert rows_say_language(DatasetRef.parse(str(hostile_folder))) is False and rows_say_language(ref) is True
+    for streaming in (False, True):
+        assert [s.language for s in iter_samples(open_dataset(ref, streaming=streaming), SkipStats())] == ["it"] * 2
+    with pytest.raises(AsrError, match=r";lang=it: the only suffix a dataset takes is ;language=<code>"):
+        DatasetRef.parse(f"{hostile_folder};lang=it")
 
 
 def test_8khz_stereo_is_resampled_and_downmixed(hostile_folder, speech):
@@ -226,9 +237,11 @@ def test_a_hub_dataset_in_the_local_cache_loads_offline(hub_cache):
                                "ref = DatasetRef.parse('someone/tinyspeech@train')\n"
                                "for streaming in (False, True):\n"
                                "    ds = open_dataset(ref, streaming=streaming)\n"
-                               "    print(sorted(s.id for s in iter_samples(ds, SkipStats())))")
+                               "    print(sorted(s.id for s in iter_samples(ds, SkipStats())))\n"
+                               "from asr.data.loading import rows_say_language\n"
+                               "print(rows_say_language(ref))")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.splitlines() == [str([f"clip{i}.wav" for i in range(6)])] * 2
+    assert proc.stdout.splitlines() == [str([f"clip{i}.wav" for i in range(6)])] * 2 + ["True"]
 
 
 def test_a_hub_dataset_missing_from_the_cache_offline_is_one_clear_error(hub_cache):

@@ -151,3 +151,28 @@ def test_synthetic_eval_is_one_set_per_language_named_by_the_corpus_config(tmp_p
     assert data.train[0].endswith(f"test-n1-s1-de-c{digest}")
     languages = [{row["language"] for row in csv.DictReader(open(f"{p}/metadata.csv"))} for p in data.eval]
     assert languages == [{"de"}, {"fr"}]
+
+
+def test_a_multilingual_teacher_refuses_data_that_does_not_say_its_language(tmp_path, micro_multilingual_teacher,
+                                                                            micro_teacher, speech_folder):
+    """large-v3-turbo trained Multilingual LibriSpeech's German behind <|en|>: rows without a language now stop
+    the run before any work unless the reference or data.language names it (an English-only teacher needs none)."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    rows = list(csv.DictReader(open(speech_folder / "metadata.csv", encoding="utf-8")))
+    with open(bare / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["file_name", "transcription"]] + [[r["file_name"], r["transcription"]] for r in rows])
+    for r in rows:
+        (bare / r["file_name"]).symlink_to(speech_folder / r["file_name"])
+    base = ["quickstart", "data.synth_train=null", "data.synth_eval=null", "data.real_eval=[]",
+            f"data.eval=[{speech_folder}]"]
+    refused = asr("validate", *base, f"teacher={micro_multilingual_teacher}", f"data.train=[{bare}]")
+    assert refused.returncode == 2 and refused.stderr.startswith(
+        f"error: data.train[0]: {bare} does not say its language (no language column) and "
+        f"{micro_multilingual_teacher} speaks ")
+    assert f"name it, e.g. {bare};language=de, or set data.language" in refused.stderr
+    for fix in ([f"data.train=[{bare};language=en]"], [f"data.train=[{bare}]", "data.language=en"]):
+        ok = asr("validate", *base, f"teacher={micro_multilingual_teacher}", *fix)
+        assert ok.returncode == 0, ok.stderr
+    english_only = asr("validate", *base, f"teacher={micro_teacher}", f"data.train=[{bare}]")
+    assert english_only.returncode == 0, english_only.stderr

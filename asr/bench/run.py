@@ -46,11 +46,11 @@ class BenchOptions:
     fallback: bool = False  # also score with Whisper's temperature fallback (HF engine), beside plain greedy
 
 
-def load_eval_samples(data: str, limit: int | None) -> tuple[str, list, SkipStats]:
-    """Decode a dataset's clips once, so every model sees identical audio."""
+def load_eval_samples(data: str, limit: int | None, language: str = "en") -> tuple[str, list, SkipStats]:
+    """Decode a dataset's clips once, so every model sees identical audio; `language` for rows without one."""
     ref = DatasetRef.parse(data)
     stats = SkipStats()
-    samples = list(tqdm(iter_samples(open_dataset(ref), stats, limit=limit), desc=f"loading {ref.label}",
+    samples = list(tqdm(iter_samples(open_dataset(ref), stats, language, limit=limit), desc=f"loading {ref.label}",
                         total=limit, unit="clip", leave=False))
     return ref.label, samples, stats
 

@@ -5,6 +5,7 @@ or missing file costs one counted sample instead of a traceback from inside the 
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 from collections import Counter
@@ -61,17 +62,24 @@ class SkipStats:
 
 @dataclass(frozen=True)
 class DatasetRef:
-    """A dataset reference: local audiofolder directory, or hub `name[:config][@split]`."""
+    """A dataset reference: local audiofolder directory, or hub `name[:config][@split]`; either may end in
+    `;language=<code>` for data whose rows do not say their language (Multilingual LibriSpeech has no column)."""
 
     name: str
     config: str | None = None
     split: str = "train"
+    language: str | None = None
 
     @classmethod
     def parse(cls, ref: str, split: str | None = None) -> "DatasetRef":
+        ref, _, query = ref.partition(";")
+        key, _, language = query.partition("=")
+        if query and (key != "language" or not language.isalpha()):
+            raise AsrError(f"{ref};{query}: the only suffix a dataset takes is ;language=<code>, e.g. ;language=de")
         name, _, sp = ref.partition("@")
         name, _, config = name.partition(":") if not Path(name).exists() else (name, "", "")
-        return cls(name=name, config=config or None, split=split or sp or ("train" if Path(name).exists() else "test"))
+        return cls(name=name, config=config or None, split=split or sp or ("train" if Path(name).exists() else "test"),
+                   language=language or None)
 
     @property
     def label(self) -> str:
@@ -140,7 +148,34 @@ def open_dataset(ref: DatasetRef, streaming: bool = False):
         raise AsrError(f"{ref.name}: dataset has no audio column")
     column = audio_columns[0]
     ds = ds.cast_column(column, datasets.Audio(decode=False))
-    return ds if column == "audio" else ds.rename_column(column, "audio")
+    ds = ds if column == "audio" else ds.rename_column(column, "audio")
+    if ref.language:  # the reference's language wins over any column the rows have
+        ds = ds.remove_columns([c for c in LANGUAGE_COLUMNS if c in (ds.column_names or ())])
+        ds = (ds.map(lambda _: {"language": ref.language}) if isinstance(ds, datasets.IterableDataset)
+              else ds.add_column("language", [ref.language] * len(ds)))
+    return ds
+
+
+def rows_say_language(ref: DatasetRef) -> bool | None:
+    """Whether each row's language is known (a `;language=` or a language column); None when the hub's dataset
+    card does not list its columns."""
+    if ref.language:
+        return True
+    path = check_dataset(ref)
+    if path is not None:
+        meta = sorted(path.rglob("metadata.csv")) or sorted(path.rglob("metadata.jsonl"))
+        with open(meta[0], encoding="utf-8", newline="") as f:
+            columns = json.loads(f.readline()) if meta[0].suffix == ".jsonl" else next(csv.reader(f), [])
+    else:
+        import datasets
+
+        try:
+            columns = datasets.load_dataset_builder(ref.name, ref.config).info.features
+        except Exception:  # a script-based or gated dataset: `datasets` raises many kinds, and loading tells later
+            return None
+        if columns is None:
+            return None
+    return any(c in columns for c in LANGUAGE_COLUMNS)
 
 
 def decode_audio(source: str | bytes) -> np.ndarray:

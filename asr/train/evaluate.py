@@ -32,7 +32,8 @@ class CheckpointBench:
                                  latency_clips=e.latency_clips, warmup=e.warmup)
         real_limit = e.limit if e.real_limit is None else e.real_limit
         refs = [(d, "dev") for d in recipe.data.dev] + [(d, "real" if is_real(d) else "test") for d in recipe.data.eval]
-        self.datasets = [load_eval_samples(d, real_limit if role == "real" else e.limit) for d, role in refs]
+        self.datasets = [load_eval_samples(d, real_limit if role == "real" else e.limit, recipe.data.fallback_language)
+                         for d, role in refs]
         self.roles = {label: role for (_, role), (label, _, _) in zip(refs, self.datasets)}
         # final/ is chosen on the dev sets; without any, on the test sets (never on real recordings)
         self.chosen_role = "dev" if recipe.data.dev else "test"

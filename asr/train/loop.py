@@ -112,7 +112,7 @@ class Trainer:
         if r.data.streaming:
             return StreamingBatches(r.data.train, self.processor, student.generation_config, collator,
                                     r.train.batch_size, r.train.seed, self.dist.rank, self.dist.world,
-                                    r.data.max_label_tokens, r.data.language, self.stats, text_column,
+                                    r.data.max_label_tokens, r.data.fallback_language, self.stats, text_column,
                                     r.data.train_limit, layout=self.layout())
         return self.in_memory_batches(student, collator, text_column)
 
@@ -147,7 +147,7 @@ class Trainer:
         """This rank's shard encoded up front, with cached encoder states and teacher targets where configured."""
         r = self.recipe
         examples = load_shard(r.data.train, self.processor, student.generation_config, self.dist.rank,
-                              self.dist.world, r.data.max_label_tokens, r.data.train_limit, r.data.language,
+                              self.dist.world, r.data.max_label_tokens, r.data.train_limit, r.data.fallback_language,
                               self.stats, text_column=text_column, layout=self.layout())
         self.layout_counts = {"examples": len(examples), "timestamped": sum(e.timestamped for e in examples),
                               "prompted": sum(e.prompted for e in examples)}
