@@ -290,8 +290,8 @@ def format_plan(plan: ResourcePlan) -> str:
              f"{a.gpu_mem_gib:g} GiB each: ZeRO-{s['zero_stage']}, {'bf16' if s['bf16'] else 'fp32'}, "
              f"micro-batch {s['batch_size']} x {s['label_tokens']} label tokens, grad_accum {s['grad_accum']}",
              f"student {s['student_layers'][0]} decoder + {s['student_layers'][1]} encoder layers: "
-             f"{p.trainable / 1e6:.1f}M trained, {p.frozen / 1e6:.1f}M frozen; {s['teacher']}: "
-             f"{p.teacher / 1e6:.1f}M params", "per GPU:"]
+             f"{p.trainable / 1e6:.1f}M trained, {p.frozen / 1e6:.1f}M frozen; {s['teacher']}"
+             + (f": {p.teacher / 1e6:.1f}M params" if p.teacher else ""), "per GPU:"]
     lines += [f"  {ROW_NAMES[k]:22}{_gib(v)}" for k, v in plan.memory.items()]
     verdict = "fits" if plan.fits else "does not fit"
     lines.append(f"  {'total':22}{_gib(plan.total)}  of {a.gpu_mem_gib:g} GiB: {verdict}")
