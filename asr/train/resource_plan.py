@@ -36,6 +36,9 @@ class Allocation:
     def gpus(self) -> int:
         return self.nodes * self.gpus_per_node
 
+    def holds(self, nbytes: int) -> bool:
+        return nbytes <= self.gpu_mem_gib * GIB
+
 
 @dataclass(frozen=True)
 class ParamCounts:
@@ -174,9 +177,11 @@ class Change:
     fits: bool
 
 
-def total_with(recipe: Recipe, config, alloc: Allocation, overrides: list[str]) -> int:
+def change_with(recipe: Recipe, config, alloc: Allocation, overrides: list[str]) -> Change:
+    """The per-GPU total of the recipe with `overrides`, recounted (a cached teacher changes what a rank holds)."""
     changed = with_overrides(recipe, overrides)
-    return sum(memory_bytes(changed, config, count_params(changed, config), alloc).values())
+    total = sum(memory_bytes(changed, config, count_params(changed, config), alloc).values())
+    return Change(overrides, alloc.nodes, total, alloc.holds(total))
 
 
 def smaller_batch(recipe: Recipe, config, alloc: Allocation, base: list[str]) -> Change | None:
@@ -185,9 +190,8 @@ def smaller_batch(recipe: Recipe, config, alloc: Allocation, base: list[str]) ->
     b, accum = recipe.train.batch_size, recipe.train.grad_accum
     change = None
     for size in (s for s in range(b - 1, 0, -1) if b % s == 0):
-        overrides = base + [f"train.batch_size={size}", f"train.grad_accum={accum * b // size}"]
-        total = total_with(recipe, config, alloc, overrides)
-        change = Change(overrides, alloc.nodes, total, total <= alloc.gpu_mem_gib * GIB)
+        change = change_with(recipe, config, alloc,
+                             base + [f"train.batch_size={size}", f"train.grad_accum={accum * b // size}"])
         if change.fits:
             break
     return change
@@ -199,7 +203,7 @@ def more_nodes(recipe: Recipe, config, params: ParamCounts, alloc: Allocation, l
         return None
     for nodes in range(alloc.nodes + 1, alloc.nodes * limit + 1):
         total = sum(memory_bytes(recipe, config, params, dataclasses.replace(alloc, nodes=nodes)).values())
-        if total <= alloc.gpu_mem_gib * GIB:
+        if alloc.holds(total):
             return Change([], nodes, total, True)
     return None
 
@@ -213,16 +217,12 @@ def changes_to_fit(recipe: Recipe, config, params: ParamCounts, alloc: Allocatio
     others = [] if bf16_of(recipe) else [["train.bf16=true"]]
     if o.method == "kd" and not o.teacher_cache and not recipe.data.streaming:
         others.append(["data.pseudo_label.teacher_states=true", "objective.teacher_cache=states"])
-    found = []
-    for overrides in stages + others:
-        total = total_with(recipe, config, alloc, overrides)
-        found.append(Change(overrides, alloc.nodes, total, total <= alloc.gpu_mem_gib * GIB))
+    found = [change_with(recipe, config, alloc, overrides) for overrides in stages + others]
     found += [c for c in (smaller_batch(recipe, config, alloc, []), more_nodes(recipe, config, params, alloc)) if c]
     combined = stages[-1:] + others
     if len(combined) > 1 and not any(c.fits for c in found):
         together = [x for overrides in combined for x in overrides]
-        total = total_with(recipe, config, alloc, together)
-        change = Change(together, alloc.nodes, total, total <= alloc.gpu_mem_gib * GIB)
+        change = change_with(recipe, config, alloc, together)
         found.append(change if change.fits else smaller_batch(recipe, config, alloc, together) or change)
     return found
 
@@ -268,7 +268,7 @@ def plan_resources(recipe: Recipe, alloc: Allocation, hours: float | None = None
     setting = {"teacher": f"{teacher_role(recipe)} ({recipe.teacher})", "zero_stage": t.zero_stage, "bf16": bf16_of(recipe),
                "batch_size": t.batch_size, "grad_accum": t.grad_accum, "label_tokens": recipe.data.max_label_tokens,
                "student_layers": list(student_layers(recipe, config)), "encoder_in_step": encoder_in_step(recipe)}
-    fits = sum(memory.values()) <= alloc.gpu_mem_gib * GIB
+    fits = alloc.holds(sum(memory.values()))
     return ResourcePlan(recipe.name, alloc, setting, params, memory, fits,
                         [] if fits else changes_to_fit(recipe, config, params, alloc),
                         None if hours is None else throughput(recipe, alloc, hours))
