@@ -145,6 +145,27 @@ def _run(args: argparse.Namespace) -> None:
                  args.stage)
 
 
+def _plan(args: argparse.Namespace) -> None:
+    from asr.recipes import validate
+    from asr.train.resource_plan import Allocation, format_plan, plan_resources, plan_to_dict
+
+    plan = plan_resources(validate(args.recipe, args.overrides),
+                          Allocation(args.nodes, args.gpus_per_node, args.gpu_mem), args.hours)
+    _print_plan(format_plan(plan), plan_to_dict(plan), args.json)
+
+
+def _print_plan(text: str, data: dict, json_path: str | None) -> None:
+    """The table, and the JSON to a file (`--json PATH`) or after the table (`--json -`)."""
+    import json
+
+    print(text)
+    if json_path == "-":
+        print(json.dumps(data, indent=2))
+    elif json_path:
+        Path(json_path).write_text(json.dumps(data, indent=2) + "\n")
+        print(f"plan written to {json_path}")
+
+
 def _submit(args: argparse.Namespace) -> None:
     from asr.slurm.render import Resources, plan_submission, render
     from asr.slurm.submit import dry_run, submit, summary
@@ -154,7 +175,7 @@ def _submit(args: argparse.Namespace) -> None:
                           partition=args.partition, time=args.time, account=args.account)
     plan = render(plan_submission(recipe_path(args.recipe), args.overrides, args.sweep,
                                   Path(args.run_dir) if args.run_dir else None, resources))
-    print(dry_run(plan) if args.dry_run else summary(plan, submit(plan)))
+    print(dry_run(plan, args.gpu_mem, args.hours) if args.dry_run else summary(plan, submit(plan)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,6 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("overrides", nargs="*")
     validate.set_defaults(func=_validate)
 
+    plan = sub.add_parser("plan", help="per-GPU memory, fits or not (and what to change), throughput needed")
+    plan.add_argument("recipe", help="recipe YAML or built-in name")
+    plan.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.zero_stage=3")
+    plan.add_argument("--nodes", type=int, default=1)
+    plan.add_argument("--gpus-per-node", type=int, default=8)
+    plan.add_argument("--gpu-mem", type=float, required=True, help="GiB per GPU (an 80 GB A100/H100: 80)")
+    plan.add_argument("--hours", type=float, help="wall-clock budget: the samples/s and tokens/s it needs")
+    plan.add_argument("--json", nargs="?", const="-", metavar="PATH", help="also write the plan as JSON (no PATH: print it)")
+    plan.set_defaults(func=_plan)
+
     run = sub.add_parser("run", help="prune -> recover -> benchmark every checkpoint -> report")
     run.add_argument("recipe", help="recipe YAML or built-in name")
     run.add_argument("overrides", nargs="*", help="dotted key=value, e.g. optim.lr=3e-5")
@@ -285,7 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                         help="one run per value, as job arrays (repeat for a grid), e.g. optim.lr=1e-5,3e-5")
     submit.add_argument("--run-dir", help="run directory, or the parent of a sweep's (default: runs/<recipe>-<time>)")
-    submit.add_argument("--dry-run", action="store_true", help="print the scripts and sbatch commands only")
+    submit.add_argument("--dry-run", action="store_true",
+                        help="print the scripts, the sbatch commands and (with GPUs) the resource plan only")
+    submit.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU, for the dry run's plan")
+    submit.add_argument("--hours", type=float, help="wall-clock budget, for the dry run's throughput line")
     submit.set_defaults(func=_submit)
 
     return parser

@@ -70,6 +70,8 @@ def test_dry_run_prints_scripts_writes_nothing_and_needs_no_slurm(tmp_path, micr
                  "--rdzv-backend=c10d", "--dependency=afterok:<prepare job id>", "--kill-on-invalid-dep=yes"):
         assert line in out, line
     assert "#SBATCH --cpus-per-task" not in out  # GPU nodes: the cluster's default CPUs per task
+    plan = out[out.index("# ===== resource plan (asr plan) =====\n"):]  # after the scripts
+    assert "slurm-test on 2 node(s) x 4 GPU(s) = 8 ranks, 80 GiB each: ZeRO-2" in plan and ": fits" in plan
 
     sweep = asr("submit", str(recipe), "--sweep", "optim.lr=1e-5,3e-5", "--run-dir", "sw", "--dry-run", cwd=tmp_path,
                 env=env)

@@ -30,7 +30,7 @@ def select_layers(num_layers: int, keep: int, strategy: str = "spaced") -> list[
     raise AsrError(f"unknown pruning strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}")
 
 
-def _check_keep(keep: Sequence[int], num_layers: int, side: str) -> list[int]:
+def check_keep(keep: Sequence[int], num_layers: int, side: str) -> list[int]:
     keep = list(keep)
     if not keep or sorted(set(keep)) != keep or keep[0] < 0 or keep[-1] >= num_layers:
         raise AsrError(f"{side} layers to keep {keep} must be increasing, unique and within 0..{num_layers - 1}")
@@ -45,18 +45,24 @@ def renumber_alignment_heads(heads: Sequence[Sequence[int]] | None, keep: Sequen
     return [[index[layer], head] for layer, head in heads if layer in index]
 
 
+def student_config(config, decoder_layers: int, encoder_layers: int):
+    """The teacher's config with fewer layers: every shape of the student, to build it or to size it without weights."""
+    student = config.__class__.from_dict(config.to_dict())
+    student.decoder_layers, student.encoder_layers = decoder_layers, encoder_layers
+    return student
+
+
 def prune_whisper(teacher, decoder_keep: Sequence[int], encoder_keep: Sequence[int] | None = None):
     """A new WhisperForConditionalGeneration holding copies of the teacher's kept layers."""
     from transformers import WhisperForConditionalGeneration
 
     config = teacher.config
-    decoder_keep = _check_keep(decoder_keep, config.decoder_layers, "decoder")
-    encoder_keep = _check_keep(encoder_keep if encoder_keep is not None else range(config.encoder_layers),
+    decoder_keep = check_keep(decoder_keep, config.decoder_layers, "decoder")
+    encoder_keep = check_keep(encoder_keep if encoder_keep is not None else range(config.encoder_layers),
                                config.encoder_layers, "encoder")
-    student_config = config.__class__.from_dict(config.to_dict())
-    student_config.decoder_layers, student_config.encoder_layers = len(decoder_keep), len(encoder_keep)
     heads = renumber_alignment_heads(getattr(teacher.generation_config, "alignment_heads", None), decoder_keep)
-    student = WhisperForConditionalGeneration(student_config).to(teacher.dtype)
+    student = WhisperForConditionalGeneration(student_config(config, len(decoder_keep), len(encoder_keep)))
+    student = student.to(teacher.dtype)
     source = teacher.state_dict()
     mapping = {f"model.decoder.layers.{i}.": f"model.decoder.layers.{t}." for i, t in enumerate(decoder_keep)}
     mapping |= {f"model.encoder.layers.{i}.": f"model.encoder.layers.{t}." for i, t in enumerate(encoder_keep)}

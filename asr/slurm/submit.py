@@ -87,8 +87,19 @@ def summary(plan: Plan, jobs: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def dry_run(plan: Plan) -> str:
-    """Every rendered file and the sbatch commands, without writing or submitting anything."""
+def resource_plans(plan: Plan, gpu_mem_gib: float, hours: float | None) -> str:
+    """`asr plan` of each run on the training job's GPUs (one per sweep point)."""
+    from asr.config import load_recipe
+    from asr.train.resource_plan import Allocation, format_plan, plan_resources
+
+    alloc = Allocation(plan.resources.nodes, plan.resources.gpus_per_node, gpu_mem_gib)
+    return "\n".join(format_plan(plan_resources(load_recipe(plan.recipe, plan.overrides + point), alloc, hours))
+                     + "\n" for point in plan.sweep_overrides)
+
+
+def dry_run(plan: Plan, gpu_mem_gib: float, hours: float | None = None) -> str:
+    """Every rendered file and the sbatch commands, without writing or submitting anything; with GPUs, the
+    resource plan of the training job too."""
     parts = [f"# ===== {plan.slurm_dir / name} =====\n{text}" for name, text in plan.files.items()]
     previous = None
     commands = []
@@ -96,4 +107,6 @@ def dry_run(plan: Plan) -> str:
         commands.append(shlex.join(sbatch_command(plan, stage, previous)))
         previous = f"<{stage} job id>"
     parts.append("# ===== submission (dry run: nothing written or submitted) =====\n" + "\n".join(commands) + "\n")
+    if plan.resources.gpus_per_node:
+        parts.append("# ===== resource plan (asr plan) =====\n" + resource_plans(plan, gpu_mem_gib, hours))
     return "\n".join(parts)

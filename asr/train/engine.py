@@ -72,6 +72,17 @@ def use_bf16(setting: bool | str) -> bool:
     return bool(setting)
 
 
+def freeze_parts(student, train: TrainConfig):
+    """Stop gradients where the recipe keeps the teacher's weights: the optimizer and ZeRO's partitions hold only
+    what trains (the resource plan counts its memory the same way)."""
+    if train.freeze_encoder:
+        student.model.encoder.requires_grad_(False)
+    if train.freeze_embeddings:
+        student.model.decoder.embed_tokens.requires_grad_(False)
+        student.model.decoder.embed_positions.requires_grad_(False)
+    return student
+
+
 def deepspeed_config(train: TrainConfig, optim: OptimConfig) -> dict:
     """The DeepSpeed JSON config a recipe implies; `train.deepspeed` is merged in last (it wins)."""
     config = {

@@ -26,7 +26,7 @@ from asr.models.loading import load_processor, load_whisper, output_embedding, s
 from asr.models.registry import cache_dir
 from asr.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from asr.train.data import TrainBatches, cache_encoder_states, load_shard, load_teacher_targets
-from asr.train.engine import Dist, build_engine, init_distributed, use_bf16
+from asr.train.engine import Dist, build_engine, freeze_parts, init_distributed, use_bf16
 from asr.train.evaluate import CheckpointBench
 from asr.train.stream import StreamingBatches
 from asr.train.objectives import ce_loss, kd_loss, kd_loss_topk
@@ -94,11 +94,7 @@ class Trainer:
             self.teacher = load_whisper(r.teacher)
             check_compatible(student.config.vocab_size, self.teacher.config.vocab_size, str(student_dir), r.teacher)
             self.teacher.requires_grad_(False)
-        if r.train.freeze_encoder:
-            student.model.encoder.requires_grad_(False)
-        if r.train.freeze_embeddings:
-            student.model.decoder.embed_tokens.requires_grad_(False)
-            student.model.decoder.embed_positions.requires_grad_(False)
+        freeze_parts(student, r.train)
         self.shared_encoder = r.train.freeze_encoder and r.train.share_encoder and (
             self.teacher is None or same_encoder(student, self.teacher))
         return student
