@@ -144,7 +144,7 @@ def test_synthetic_eval_is_one_set_per_language_named_by_the_corpus_config(tmp_p
     monkeypatch.setenv("ASR_CACHE", str(tmp_path))
     recipe = load_recipe("recipes/quickstart.yaml", [
         "data.synth_train={split: test, num: 1, seed: 1, languages: [de]}",
-        "data.synth_eval={split: test, num: 2, seed: 1, languages: [de, fr]}", "data.real_eval=[]"])
+        "data.synth_eval={split: test, num: 2, seed: 1, languages: [de, fr]}", "data.synth_dev=null", "data.real_eval=[]"])
     data = resolve_data(recipe).data
     digest = corpus_digest(load_synth_config())
     assert [p.rsplit("/", 1)[1] for p in data.eval] == [f"test-n2-s1-de-c{digest}", f"test-n2-s1-fr-c{digest}"]
