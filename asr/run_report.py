@@ -72,7 +72,8 @@ def write_report(run_dir: Path) -> str:
               f"{teacher['solo_latency']['decoder_ms_per_token_p50']:.2f} ms/token).\n" if teacher else "")
     final = (run_dir / "final" / "SOURCE").read_text().strip() if (run_dir / "final" / "SOURCE").is_file() else "-"
     long_table = f"Long-form sets:\n\n{longform_table(long_form)}\n" if long_form else ""
-    text = (f"# Run {run_dir.name}\n\n{wer_by_set(records + long_form)}\n{markdown_table(records)}\n{long_table}{timing}"
+    text = (f"# Run {run_dir.name}\n\n{wer_by_set(records + long_form)}\n{markdown_table(records)}\n"
+            f"{long_table}{timing}"
             f"Final student: `{run_dir / 'final'}` = {final}.\n"
             f"Training: {summary.get('steps', len(history))} steps, {summary.get('skipped_nonfinite_steps', 0)} skipped "
             f"(non-finite loss); samples skipped on rank 0: {summary.get('skipped_samples_rank0') or 'none'}.\n\n"

@@ -12,7 +12,7 @@ import pytest
 from asr.bench.longform import timestamp_checks
 from asr.bench.run import load_eval_samples
 from asr.cli import main
-from asr.config import DataConfig, LongEvalConfig, Recipe, SynthConfig
+from asr.config import DataConfig, LongEvalConfig, Recipe, SynthConfig, load_recipe
 from asr.data.loading import SAMPLE_RATE, timed_segments
 from asr.data.synth import build_corpus, load_synth_config
 from asr.data.texts import load_pools
@@ -142,3 +142,19 @@ def test_exports_keep_long_form_timestamps(long_set, tmp_path):
                                                      sample.segments)["sane"]
     heard = " ".join(text for _, _, text in segments)
     assert error_rates([normalize(sample.text, "en")], [normalize(heard, "en")])["wer"] < 0.25
+
+
+def test_recipe_long_eval_synth_resolves_to_its_own_cached_set(tmp_path, monkeypatch):
+    from asr.data import synth
+    from asr.pipeline import resolve_data
+
+    built = {}
+    monkeypatch.setenv("ASR_CACHE", str(tmp_path))
+    monkeypatch.setattr(synth, "build_corpus", lambda out, **kwargs: built.setdefault(Path(out).name, kwargs))
+    recipe = load_recipe("recipes/quickstart.yaml", [
+        "data.long_eval={synth: {split: test, num: 2, seed: 1, long: [60, 180]}, algorithms: [chunked]}",
+        "data.real_eval=[]"])
+    long = resolve_data(recipe).data.long_eval
+    name = f"test-n2-s1-en-L60-180-c{synth.corpus_digest(synth.load_synth_config())}"
+    assert long.sets == [str(tmp_path / "synth" / name)] and long.synth is None and long.algorithms == ["chunked"]
+    assert built[name]["long_s"] == (60.0, 180.0)

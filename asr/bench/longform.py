@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
-from itertools import groupby
 from pathlib import Path
 from typing import Sequence
 
@@ -21,7 +20,7 @@ from asr.bench.run import BenchOptions, load_engine, load_eval_samples, model_la
 from asr.data.loading import SAMPLE_RATE, Sample
 from asr.errors import AsrError
 from asr.infer.engines import HfEngine
-from asr.infer.transcribe import Hypothesis
+from asr.infer.transcribe import Hypothesis, language_batches
 
 ALGORITHMS = ("sequential", "chunked")
 CHUNK_S, STRIDE_S = 30.0, 5.0  # the pipeline's chunk and its overlap on each side (HF's default: a sixth)
@@ -57,7 +56,7 @@ def transcribe_sequential(engine: HfEngine, processor, samples: Sequence[Sample]
                                     return_timestamps=True, condition_on_prev_tokens=True, return_segments=True,
                                     max_new_tokens=window_tokens(engine.model), **engine.language_kwargs(language))
     texts = processor.batch_decode(out["sequences"], skip_special_tokens=True)
-    return [LongHypothesis(text.strip(), [(float(s["start"]), float(s["end"])) for s in segments])
+    return [LongHypothesis(text.strip(), [(round(float(s["start"]), 2), round(float(s["end"]), 2)) for s in segments])
             for text, segments in zip(texts, out["segments"])]
 
 
@@ -85,20 +84,17 @@ def transcribe_long(engine: HfEngine, processor, samples: Sequence[Sample], algo
     out: dict[int, LongHypothesis] = {}
     if algorithm == "chunked":
         pipe = chunked_pipeline(engine, processor, batch_size)
-        for i, sample in enumerate(samples):
-            out[i] = transcribe_chunked(engine, pipe, sample)
-            if progress is not None:
-                progress(1)
-        return [out[i] for i in range(len(samples))]
-    indexed = sorted(enumerate(samples), key=lambda item: item[1].language)
-    for language, group in groupby(indexed, key=lambda item: item[1].language):
-        group = list(group)
-        for start in range(0, len(group), batch_size):
-            batch = group[start:start + batch_size]
-            for (i, _), hyp in zip(batch, transcribe_sequential(engine, processor, [s for _, s in batch], language)):
-                out[i] = hyp
-            if progress is not None:
-                progress(len(batch))
+        batches = [[(i, sample)] for i, sample in enumerate(samples)]  # the pipeline batches a file's chunks
+    else:
+        batches = list(language_batches(samples, batch_size))
+    for batch in batches:
+        if algorithm == "chunked":
+            hyps = [transcribe_chunked(engine, pipe, batch[0][1])]
+        else:
+            hyps = transcribe_sequential(engine, processor, [s for _, s in batch], batch[0][1].language)
+        out.update((i, hyp) for (i, _), hyp in zip(batch, hyps))
+        if progress is not None:
+            progress(len(batch))
     return [out[i] for i in range(len(samples))]
 
 
