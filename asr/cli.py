@@ -35,14 +35,15 @@ def _data_synth(args: argparse.Namespace) -> None:
     from asr.data.synth import build_corpus
 
     build_corpus(Path(args.out), split=args.split, num=args.num, seed=args.seed, workers=args.workers,
-                 languages=tuple(args.languages.split(",")), sentences=_sentences(args.sentences))  # prints a summary
+                 languages=tuple(args.languages.split(",")), sentences=_pair(args.sentences, int, "--sentences"),
+                 long_s=None if args.long is None else _pair(args.long, float, "--long"))  # prints a summary
 
 
-def _sentences(text: str) -> tuple[int, int]:
+def _pair(text: str, kind: type, flag: str) -> tuple:
     try:
-        low, high = (int(x) for x in text.split(","))
+        low, high = (kind(x) for x in text.split(","))
     except ValueError:
-        raise AsrError(f"--sentences takes LOW,HIGH (e.g. 1,4), got {text!r}") from None
+        raise AsrError(f"{flag} takes LOW,HIGH (e.g. 1,4), got {text!r}") from None
     return low, high
 
 
@@ -82,8 +83,14 @@ def _bench(args: argparse.Namespace) -> None:
     opts = BenchOptions(limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                         engine=args.engine, latency_clips=args.latency_clips, warmup=args.warmup,
                         threads=args.threads, streaming=args.streaming, chunk_ms=args.chunk_ms,
-                        overlap_ms=args.overlap_ms, assistant=args.assistant, fallback=args.fallback)
-    run_bench(args.model, args.data, Path(args.out), opts)
+                        overlap_ms=args.overlap_ms, assistant=args.assistant, fallback=args.fallback,
+                        long_form=list(dict.fromkeys(args.long_form or [])))
+    if opts.long_form:
+        from asr.bench.longform import run_long_form_bench
+
+        run_long_form_bench(args.model, args.data, Path(args.out), opts)
+    else:
+        run_bench(args.model, args.data, Path(args.out), opts)
 
 
 def _layers(text: str | None) -> list[int] | None:
@@ -200,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--languages", default="en", help="comma-separated, e.g. en,de,es,fr,it")
     synth.add_argument("--sentences", default="1,1",
                        help="sentences per clip LOW,HIGH (one voice, pauses between; each timed in `segments`)")
+    synth.add_argument("--long", nargs="?", const="60,180", metavar="LOW,HIGH",
+                       help="long-form files of LOW..HIGH seconds (default 60,180): consecutive sentences in one "
+                            "voice with pauses, for `asr bench --long-form`")
     synth.set_defaults(func=_data_synth)
     real = data.add_parser("real", help="real human recordings for evaluation (Debian packages, offline)")
     real.add_argument("--lang", required=True, help="a language of data/real.yaml: it or ru")
@@ -243,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--fallback", action="store_true",
                        help="also score with Whisper's temperature fallback (compression ratio > 2.4 or mean "
                             "log-prob < -1 re-decodes at T=0.2..1.0), beside plain greedy; HF engine")
+    bench.add_argument("--long-form", action="append", choices=["sequential", "chunked"],
+                       help="long-form files (`asr data synth --long`) instead: Whisper's sequential algorithm on "
+                            "the whole input, or the HF pipeline's 30 s chunks; repeat for both")
     bench.set_defaults(func=_bench)
 
     bench_tr = sub.add_parser("bench-train", help="training throughput: separate vs shared encoder vs cached teacher")

@@ -39,6 +39,18 @@ class SynthConfig:
     languages: list[str] = field(default_factory=lambda: ["en"])
     # sentences per clip [low, high], one voice with pauses: several sentences share one 30 s encoder window
     sentences: list[int] = field(default_factory=lambda: [1, 1])
+    long: list[float] | None = None  # [low, high] s: long-form files of consecutive sentences (`--long`)
+
+
+@dataclass
+class LongEvalConfig:
+    """Long-form sets (longer than one 30 s window) benchmarked at every checkpoint with Whisper's long-form
+    decoding and reported in their own columns; never used to choose the final checkpoint."""
+
+    sets: list[str] = field(default_factory=list)  # audiofolders or hub ids of long files
+    synth: SynthConfig | None = None  # a synthetic set to build, e.g. {split: test, num: 4, seed: 1, long: [60, 180]}
+    algorithms: list[Literal["sequential", "chunked"]] = field(default_factory=lambda: ["sequential", "chunked"])
+    limit: int | None = None  # files per set
 
 
 @dataclass
@@ -67,6 +79,7 @@ class DataConfig:
     # without any, the choice falls back to the non-real eval sets and the report says so
     dev: list[str] = field(default_factory=list)
     synth_dev: SynthConfig | None = None
+    long_eval: LongEvalConfig | None = None
     train_limit: int | None = None
     # the language of datasets whose rows do not say theirs (no language column, no `;language=`); unset, such a
     # dataset is English for an English-only teacher and stops the run before any work for a multilingual one

@@ -30,11 +30,13 @@ def synth_dataset(spec: SynthConfig) -> str:
 
     digest = corpus_digest(load_synth_config())
     packed = "" if spec.sentences == [1, 1] else f"-p{spec.sentences[0]}-{spec.sentences[1]}"
+    packed += f"-L{spec.long[0]:g}-{spec.long[1]:g}" if spec.long else ""
     name = f"{spec.split}-n{spec.num}-s{spec.seed}-{'-'.join(spec.languages)}{packed}-c{digest}"
     out = cache_dir() / "synth" / name
     if not (out / "metadata.csv").is_file() or len((out / "metadata.csv").read_text().splitlines()) <= spec.num:
         build_corpus(out, split=spec.split, num=spec.num, seed=spec.seed, languages=tuple(spec.languages),
-                     sentences=(spec.sentences[0], spec.sentences[1]))
+                     sentences=(spec.sentences[0], spec.sentences[1]),
+                     long_s=(spec.long[0], spec.long[1]) if spec.long else None)
     return str(out)
 
 
@@ -83,6 +85,19 @@ def check_recipe(recipe: Recipe) -> None:
         if spec is not None and not (len(spec.sentences) == 2 and 1 <= spec.sentences[0] <= spec.sentences[1]):
             raise AsrError(f"data.{key}.sentences must be [low, high] with 1 <= low <= high, e.g. [1, 4]; "
                            f"got {spec.sentences}")
+        if spec is not None and spec.long is not None:
+            raise AsrError(f"data.{key}.long: long-form files do not fit a 30 s window; name them in "
+                           "data.long_eval.synth instead")
+    long = data.long_eval
+    if long is not None:
+        if not (long.sets or long.synth) or not long.algorithms:
+            raise AsrError("data.long_eval needs sets or synth (e.g. {split: test, num: 4, seed: 1, long: [60, 180]}) "
+                           "and at least one of algorithms: [sequential, chunked]")
+        bounds = long.synth.long if long.synth else None
+        if long.synth and (bounds is None or not (len(bounds) == 2 and 0 < bounds[0] <= bounds[1])
+                           or long.synth.sentences != [1, 1]):
+            raise AsrError(f"data.long_eval.synth.long must be [low, high] seconds with 0 < low <= high, e.g. "
+                           f"[60, 180], and without sentences; got long={bounds}")
     if not (data.eval or data.synth_eval or data.real_eval):
         raise AsrError("data.eval is empty: name an audiofolder or hub dataset, or set data.synth_eval")
     if data.streaming and cache:
@@ -123,12 +138,15 @@ def resolve_data(recipe: Recipe) -> Recipe:
     data = recipe.data
     train = data.train + ([synth_dataset(data.synth_train)] if data.synth_train else [])
     evals = data.eval + _synth_per_language(data.synth_eval) + [real_dataset(language) for language in data.real_eval]
+    long = data.long_eval
+    if long is not None and long.synth is not None:
+        long = dataclasses.replace(long, sets=long.sets + [synth_dataset(long.synth)], synth=None)
     labels = data.labels
     if data.pseudo_label is not None:
         train, labels = [pseudo_labelled(recipe, t) for t in train], "pseudo"
     return dataclasses.replace(recipe, data=dataclasses.replace(
         data, train=train, eval=evals, dev=data.dev + _synth_per_language(data.synth_dev), labels=labels,
-        synth_train=None, synth_eval=None, synth_dev=None, real_eval=[], pseudo_label=None))
+        synth_train=None, synth_eval=None, synth_dev=None, real_eval=[], pseudo_label=None, long_eval=long))
 
 
 def _synth_per_language(spec: SynthConfig | None) -> list[str]:
@@ -163,6 +181,8 @@ def check_inputs(recipe: Recipe) -> None:
                        "or without that language); drop them from data.real_eval or use a multilingual teacher")
     refs = [(f"data.{key}[{i}]", ref) for key in ("train", "eval", "dev")
             for i, ref in enumerate(getattr(recipe.data, key))]
+    long_sets = recipe.data.long_eval.sets if recipe.data.long_eval else []
+    refs += [(f"data.long_eval.sets[{i}]", ref) for i, ref in enumerate(long_sets)]
     for key, ref in refs + ([("prune.calibration", recipe.prune.calibration)] if recipe.prune.calibration else []):
         try:
             parsed = DatasetRef.parse(ref)

@@ -4,12 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from asr.bench.outputs import markdown_table
-from asr.train.evaluate import with_paired_teacher
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+from asr.bench.outputs import longform_table, markdown_table
+from asr.train.evaluate import read_jsonl, with_paired_teacher
 
 
 def plot_report(records: list[dict], history: list[dict], path: Path) -> None:
@@ -46,33 +42,44 @@ def plot_report(records: list[dict], history: list[dict], path: Path) -> None:
 _ROLES = {"test": "test", "real": "real recordings", "dev": "dev, chooses final"}
 
 
+def _column(r: dict) -> tuple[int, str, str]:
+    role = r.get("role") or ("real" if r.get("real_speech") else "test")
+    return list(_ROLES).index(role), r.get("algorithm", ""), r["dataset"]
+
+
 def wer_by_set(records: list[dict]) -> str:
     """WER per model (rows) and eval set (columns): test sets first, then real recordings, then the dev sets that
-    chose final/, each so marked: synthetic speech flatters students, so the kinds are never averaged together."""
-    roles = {r["dataset"]: r.get("role") or ("real" if r.get("real_speech") else "test") for r in records}
-    sets = sorted(roles.items(), key=lambda d: (list(_ROLES).index(d[1]), d[0]))
+    chose final/, each so marked: synthetic speech flatters students, so the kinds are never averaged together.
+    Long-form records (with an `algorithm`) get a column per set and algorithm, after the short-form ones of
+    their kind."""
+    sets = sorted({_column(r) for r in records})
     models = list(dict.fromkeys(r["model"] for r in records))
-    wer = {(r["model"], r["dataset"]): r["wer"] for r in records}
-    head = "| model | " + " | ".join(f"{name} ({_ROLES[role]}) WER" for name, role in sets) + " |"
+    wer = {(r["model"], _column(r)): r["wer"] for r in records}
+    roles = list(_ROLES.values())
+    head = "| model | " + " | ".join(f"{name} ({roles[role]}{', long-form ' if algorithm else ''}{algorithm}) WER"
+                                     for role, algorithm, name in sets) + " |"
     lines = [head, "|" + "---|" * (len(sets) + 1)]
     for model in models:
-        cells = [wer.get((model, name)) for name, _ in sets]
+        cells = [wer.get((model, column)) for column in sets]
         lines.append(f"| {model} | " + " | ".join("-" if w is None else f"{100 * w:.1f}%" for w in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def write_report(run_dir: Path) -> str:
     """Write RUN/report.md and RUN/report.png; return the markdown."""
-    records = _read_jsonl(run_dir / "bench" / "checkpoints.jsonl")
-    history = _read_jsonl(run_dir / "metrics.jsonl")
+    records = read_jsonl(run_dir / "bench" / "checkpoints.jsonl")
+    history = read_jsonl(run_dir / "metrics.jsonl")
     summary = json.loads((run_dir / "train-summary.json").read_text()) if (run_dir / "train-summary.json").is_file() else {}
+    long_form = read_jsonl(run_dir / "bench" / "longform.jsonl")
     records = with_paired_teacher(records)
     teacher = next((r for r in records if r["model"] == "teacher" and "solo_latency" in r), None)
     timing = (f"Teacher latency: the median of its {teacher['latency']['paired_timings']} timings paired clip by clip "
               f"with the students (its solo timing at the start read "
               f"{teacher['solo_latency']['decoder_ms_per_token_p50']:.2f} ms/token).\n" if teacher else "")
     final = (run_dir / "final" / "SOURCE").read_text().strip() if (run_dir / "final" / "SOURCE").is_file() else "-"
-    text = (f"# Run {run_dir.name}\n\n{wer_by_set(records)}\n{markdown_table(records)}\n{timing}"
+    long_table = f"Long-form sets:\n\n{longform_table(long_form)}\n" if long_form else ""
+    text = (f"# Run {run_dir.name}\n\n{wer_by_set(records + long_form)}\n{markdown_table(records)}\n"
+            f"{long_table}{timing}"
             f"Final student: `{run_dir / 'final'}` = {final}.\n"
             f"Training: {summary.get('steps', len(history))} steps, {summary.get('skipped_nonfinite_steps', 0)} skipped "
             f"(non-finite loss); samples skipped on rank 0: {summary.get('skipped_samples_rank0') or 'none'}.\n\n"

@@ -39,6 +39,22 @@ def markdown_table(records: Sequence[dict]) -> str:
     return "\n".join(lines + ([""] + extras if extras else []) + [""] + notes) + "\n"
 
 
+def longform_table(records: Sequence[dict]) -> str:
+    """One row per (model, set, long-form algorithm): accuracy, speed, looping and the timestamp checks."""
+    head = ("| model | dataset | algorithm | files | audio min | WER | S/D/I | repetition | RTFx | timestamps sane | "
+            "monotonic / inside / gaps ok |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in records:
+        lines.append(
+            f"| {r['model']} | {r['dataset']} | {r['algorithm']} | {r['n']} | {r['audio_seconds'] / 60:.1f} | "
+            f"{_pct(r['wer'])} | {r['substitutions']}/{r['deletions']}/{r['insertions']} | "
+            f"{_pct(r['repetition_rate'])} | {_num(r['rtfx'])} | {_pct(r['sane_rate'])} | "
+            f"{_pct(r['monotonic_rate'])} / {_pct(r['inside_rate'])} / {_pct(r['gaps_ok_rate'])} |")
+    notes = ["- Timestamps sane: predicted segments monotonic, inside the audio, and no gap between two longer than "
+             "the longest pause between the reference's sentences plus 1 s (speech skipped otherwise)."]
+    return "\n".join(lines + [""] + notes) + "\n"
+
+
 def _extra_line(r: dict) -> str:
     parts = [f"- {r['model']} on {r['dataset']}:"]
     if "streaming" in r:

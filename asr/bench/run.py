@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -23,7 +23,7 @@ from asr.bench.outputs import log_to_wandb, markdown_table, plot_wer_vs_latency
 from asr.infer.fallback import FallbackEngine
 from asr.infer.transcribe import transcribe
 from asr.infer.wer import error_rates, normalize
-from asr.data.loading import DatasetRef, SkipStats, iter_samples, open_dataset
+from asr.data.loading import MAX_SECONDS, DatasetRef, SkipStats, iter_samples, open_dataset
 from asr.errors import AsrError
 from asr.models.loading import load_processor, load_whisper, weights_fingerprint
 
@@ -44,13 +44,17 @@ class BenchOptions:
     overlap_ms: int = 0
     assistant: str | None = None
     fallback: bool = False  # also score with Whisper's temperature fallback (HF engine), beside plain greedy
+    long_form: list[str] = field(default_factory=list)  # long-form algorithms (asr.bench.longform) instead
 
 
-def load_eval_samples(data: str, limit: int | None, language: str = "en") -> tuple[str, list, SkipStats]:
-    """Decode a dataset's clips once, so every model sees identical audio; `language` for rows without one."""
+def load_eval_samples(data: str, limit: int | None, language: str = "en",
+                      max_seconds: float | None = MAX_SECONDS) -> tuple[str, list, SkipStats]:
+    """Decode a dataset's clips once, so every model sees identical audio; `language` for rows without one
+    (max_seconds None: long-form files)."""
     ref = DatasetRef.parse(data)
     stats = SkipStats()
-    samples = list(tqdm(iter_samples(open_dataset(ref), stats, language, limit=limit), desc=f"loading {ref.label}",
+    samples = list(tqdm(iter_samples(open_dataset(ref), stats, language, limit=limit, max_seconds=max_seconds),
+                        desc=f"loading {ref.label}",
                         total=limit, unit="clip", leave=False))
     return ref.label, samples, stats
 

@@ -205,10 +205,11 @@ def _text(row: dict, column: str | None = None) -> str | bytes | None:
 
 
 def iter_samples(ds, stats: SkipStats, default_language: str = "en", limit: int | None = None,
-                 text_column: str | None = None) -> Iterator[Sample]:
+                 text_column: str | None = None, max_seconds: float | None = MAX_SECONDS) -> Iterator[Sample]:
     """Yield decodable, non-empty, ≤30 s, in-range samples with text; everything else is counted in `stats`.
 
     The transcript is the first of TEXT_COLUMNS present, or `text_column` (e.g. 'pseudo_label') when given.
+    max_seconds None keeps clips of any length (long-form evaluation).
     """
     yielded = 0
     for index, row in enumerate(ds):
@@ -238,8 +239,8 @@ def iter_samples(ds, stats: SkipStats, default_language: str = "en", limit: int 
         if wave.size == 0 or not np.isfinite(wave).all() or float(np.abs(wave).max()) == 0.0:
             stats.skip("empty or silent audio", source)
             continue
-        if wave.size > MAX_SECONDS * SAMPLE_RATE:
-            stats.skip("audio over 30 s", source)
+        if max_seconds is not None and wave.size > max_seconds * SAMPLE_RATE:
+            stats.skip(f"audio over {max_seconds:g} s", source)
             continue
         if float(np.abs(wave).max()) > MAX_PEAK:  # log-mel features of such audio are shifted or overflow to NaN
             stats.skip("audio out of range", source)

@@ -89,10 +89,16 @@ class _Job:
     pools: dict[str, list[tuple[str, str]]]
     filter_fn: FilterFn | None = None
     sentences: tuple[int, int] = (1, 1)  # sentences per clip, drawn uniformly: one voice, pauses between
+    long_s: tuple[float, float] | None = None  # long-form files: a length in [low, high] s drawn per file
 
     @property
     def sample_rate(self) -> int:
         return int(self.cfg.get("sample_rate", 16000))
+
+    @property
+    def duration_bounds(self) -> tuple[float, float]:
+        """A clip's allowed length in seconds: the yaml's (one 30 s window at most), or the long-form bounds."""
+        return self.long_s or (float(self.cfg.get("min_duration_s", 0.5)), float(self.cfg.get("max_duration_s", 30.0)))
 
 
 def _plan_clip(job: _Job, index: int, attempt: int) -> tuple[dict[str, Any], np.random.Generator]:
@@ -107,14 +113,19 @@ def _plan_clip(job: _Job, index: int, attempt: int) -> tuple[dict[str, Any], np.
     for key in ("rate", "pitch"):
         if key in entry:
             spec[key] = round(float(rng.uniform(*entry[key])), 2)
-    pool = job.pools[lang]
-    low, high = job.sentences
-    count = low if low == high else int(rng.integers(low, high + 1))  # no draw at (1, 1): one-sentence builds
-    drawn = [pool[int(rng.integers(len(pool)))] for _ in range(count)]  # stay byte-identical to earlier ones
+    pool, target_s = job.pools[lang], None
+    if job.long_s:  # a reading: consecutive sentences from a random start, more than any target needs
+        target_s = round(float(rng.uniform(*job.long_s)), 1)
+        first = int(rng.integers(len(pool)))
+        drawn = [pool[(first + k) % len(pool)] for k in range(int(job.long_s[1]))]
+    else:
+        low, high = job.sentences
+        count = low if low == high else int(rng.integers(low, high + 1))  # no draw at (1, 1): one-sentence builds
+        drawn = [pool[int(rng.integers(len(pool)))] for _ in range(count)]  # stay byte-identical to earlier ones
     pauses = [round(float(rng.uniform(*PAUSE_S)), 2) for _ in drawn[1:]]
     augment = bool(rng.random() < job.augment_fraction)
     plan = {"index": index, "lang": lang, "spec": spec, "texts": [t for t, _ in drawn], "pauses": pauses,
-            "source": " ".join(dict.fromkeys(src for _, src in drawn)), "augment": augment}
+            "sources": [src for _, src in drawn], "augment": augment, "target_s": target_s}
     return plan, rng
 
 
@@ -132,15 +143,21 @@ def _speech_extent(speech: np.ndarray, floor: float = 0.02) -> tuple[int, int]:
 
 def _speak(job: _Job, plan: dict[str, Any]) -> np.ndarray:
     """The clip's sentences in one voice, each peak-normalized, with the planned pauses between them. Sentences
-    that would push the clip past max_duration_s (less room for augmentation) are left out, and so is their text.
+    that would push the clip past its upper bound (less a second for augmentation) are left out, and so is their
+    text; a long-form file also stops once it reaches its target length.
     Sets plan["segments"]: [start_s, end_s, text] per sentence, known from the construction (timestamp labels)."""
-    limit = (float(job.cfg.get("max_duration_s", 30.0)) - 1.0) * job.sample_rate
+    limit = (job.duration_bounds[1] - 1.0) * job.sample_rate
+    target = plan["target_s"] * job.sample_rate if plan["target_s"] else float("inf")
     parts: list[np.ndarray] = []
     segments: list[list] = []
     for i, text in enumerate(plan["texts"]):
+        start = sum(map(len, parts))
+        if start >= target:
+            plan["texts"] = plan["texts"][:i]
+            break
         speech = _peak_normalize(synthesize(plan["spec"], text, job.sample_rate))
         pause = np.zeros(int(plan["pauses"][i - 1] * job.sample_rate), dtype=np.float32) if i else speech[:0]
-        start = sum(map(len, parts)) + len(pause)
+        start += len(pause)
         if i and start + len(speech) > limit:
             plan["texts"] = plan["texts"][:i]
             break
@@ -165,10 +182,10 @@ def _attempt(job: _Job, plan: dict[str, Any], rng: np.random.Generator) -> tuple
         audio, described, scale = random_augment(audio, job.sample_rate, rng, cfg.get("augment") or {})
         audio = _peak_normalize(audio)
         plan["segments"] = [[start * scale, end * scale, text] for start, end, text in plan["segments"]]
-    duration = len(audio) / job.sample_rate
-    if duration < float(cfg.get("min_duration_s", 0.5)):
+    duration, (shortest, longest) = len(audio) / job.sample_rate, job.duration_bounds
+    if duration < shortest:
         return "too_short"
-    if duration > float(cfg.get("max_duration_s", 30.0)):
+    if duration > longest:
         return "too_long"
     if job.filter_fn is not None and not job.filter_fn(audio, plan["text"]):
         return "filter"
@@ -196,7 +213,8 @@ def _write_clip(job: _Job, plan: dict[str, Any], audio: np.ndarray, augment: str
     os.replace(tmp, job.out_dir / name)  # a WAV on disk is always complete, for resuming
     params = " ".join(f"{k}={plan['spec'][k]:.2f}" for k in ("rate", "pitch") if k in plan["spec"])
     return {"file_name": name, "transcription": plan["text"], "language": plan["lang"],
-            "voice": voice_id(plan["spec"]), "voice_params": params, "source": plan["source"],
+            "voice": voice_id(plan["spec"]), "voice_params": params,
+            "source": " ".join(dict.fromkeys(plan["sources"][:len(plan["texts"])])),
             "augment": augment, "duration": f"{len(pcm) / job.sample_rate:.3f}",
             "segments": json.dumps([[round(a, 2), round(b, 2), t] for a, b, t in plan["segments"]], ensure_ascii=False)}
 
@@ -284,7 +302,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def _prepare_job(out: Path, split: str, seed: int, languages: Sequence[str], augment_fraction: float | None,
                  filter_fn: FilterFn | None, config_path: str | Path | None, workers: int,
-                 sentences: tuple[int, int] = (1, 1)) -> _Job:
+                 sentences: tuple[int, int] = (1, 1), long_s: tuple[float, float] | None = None) -> _Job:
     """Validate the request against the yaml, check every voice's engine, and load the text pools."""
     if split not in SPLITS:
         raise AsrError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
@@ -299,6 +317,9 @@ def _prepare_job(out: Path, split: str, seed: int, languages: Sequence[str], aug
             check_voice(voice)
     if not 1 <= sentences[0] <= sentences[1]:
         raise AsrError(f"sentences per clip must be [low, high] with 1 <= low <= high, got {list(sentences)}")
+    if long_s is not None and not (0 < long_s[0] <= long_s[1] and sentences == (1, 1)):
+        raise AsrError(f"long-form seconds must be [low, high] with 0 < low <= high, and without sentences per "
+                       f"clip (a long file holds as many as fit), got {list(long_s)} and {list(sentences)}")
     fraction = float(split_cfg.get("augment_fraction", 0.0) if augment_fraction is None else augment_fraction)
     if not 0.0 <= fraction <= 1.0:
         raise AsrError(f"augment_fraction must be in [0, 1], got {fraction}")
@@ -315,7 +336,8 @@ def _prepare_job(out: Path, split: str, seed: int, languages: Sequence[str], aug
         pools[lang] = load_pools(split_cfg["texts"][lang], base_dir, exclude=held_out)
         if not pools[lang]:
             raise AsrError(f"the {split} text pool for {lang!r} is empty; check the sources in {cfg['_path']}")
-    return _Job(out, split, seed, languages, fraction, cfg, voices, pools, filter_fn, tuple(sentences))
+    return _Job(out, split, seed, languages, fraction, cfg, voices, pools, filter_fn, tuple(sentences),
+                None if long_s is None else (float(long_s[0]), float(long_s[1])))
 
 
 def _start_output(job: _Job, num: int, workers: int) -> tuple[dict[str, Any], dict[int, dict[str, str]]]:
@@ -325,6 +347,8 @@ def _start_output(job: _Job, num: int, workers: int) -> tuple[dict[str, Any], di
               "augment_fraction": job.augment_fraction, "config_sha256": job.cfg["_sha256"]}
     if job.sentences != (1, 1):
         params["sentences"] = list(job.sentences)
+    if job.long_s:
+        params["long_s"] = list(job.long_s)
     if manifest_path.is_file():
         previous = json.loads(manifest_path.read_text()).get("params", {})
         if previous != params:
@@ -347,7 +371,8 @@ def _start_output(job: _Job, num: int, workers: int) -> tuple[dict[str, Any], di
 def build_corpus(out_dir: str | Path, split: str, num: int, seed: int, workers: int = 2,
                  languages: Sequence[str] = ("en",), augment_fraction: float | None = None,
                  filter_fn: FilterFn | None = None, config_path: str | Path | None = None,
-                 progress: bool = True, sentences: tuple[int, int] = (1, 1)) -> dict[str, Any]:
+                 progress: bool = True, sentences: tuple[int, int] = (1, 1),
+                 long_s: tuple[float, float] | None = None) -> dict[str, Any]:
     """Write `num` clips of `split` as an audiofolder (out_dir/metadata.csv + out_dir/audio/*.wav, 16 kHz mono
     s16); same seed -> same bytes. Resumes into an existing build; returns (and prints) a summary.
 
@@ -355,12 +380,15 @@ def build_corpus(out_dir: str | Path, split: str, num: int, seed: int, workers: 
     rejected clips are re-drawn with another voice and text. augment_fraction None takes the yaml's value.
     sentences=(lo, hi): each clip speaks lo..hi sentences in one voice with pauses (up to max_duration_s), so one
     30 s encoder window carries several sentences' supervision instead of one sentence and padding.
+    long_s=(lo, hi): long-form files instead (Whisper's long-form decoding), each a reading of consecutive
+    sentences in one voice with pauses, up to a length drawn in [lo, hi] seconds; max_duration_s does not apply.
     """
     start = time.monotonic()
     if num < 1:
         raise AsrError(f"--num must be at least 1, got {num}")
     out = Path(out_dir)
-    job = _prepare_job(out, split, seed, languages, augment_fraction, filter_fn, config_path, workers, sentences)
+    job = _prepare_job(out, split, seed, languages, augment_fraction, filter_fn, config_path, workers, sentences,
+                       long_s)
     manifest, rows = _start_output(job, num, workers)
     resumed, todo = len(rows), [i for i in range(num) if i not in rows]
     skipped, redrawn = Counter(), Counter()

@@ -11,7 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from asr.data.features import TIME_STEP_S, log_mel, timestamp_token
+from asr.data.loading import SAMPLE_RATE
 from asr.infer.engines import Decoded, split_rows
+from asr.infer.transcribe import text_of
 from asr.errors import AsrError
 from asr.models.loading import prompt_ids
 
@@ -72,3 +75,33 @@ class Ct2Engine:
                                       max_length=ct2_max_length(max_new_tokens, len(prompt)),
                                       suppress_blank=True, suppress_tokens=[-1])
         return split_rows([r.sequences_ids[0] for r in results], self.eos_token_id, max_new_tokens)
+
+    def transcribe_long(self, processor, audio: np.ndarray, language: str, max_new_tokens: int = 216
+                        ) -> list[tuple[float, float, str]]:
+        """(start_s, end_s, text) segments of audio of any length. ctranslate2 has no long-form loop of its own, so
+        this is Whisper's sequential algorithm at its minimum: decode a 30 s window with timestamps, keep the
+        segments it closes, resume at the last closed one (after the window when its last segment is complete);
+        greedy, without the previous window's text or the temperature fallback."""
+        prompt = prompt_ids(None, self.generation_config, language)[:-1]  # no <|notimestamps|>: timestamp rules on
+        begin, window = timestamp_token(self.generation_config, 0.0), processor.feature_extractor.n_samples
+        segments: list[tuple[float, float, str]] = []
+        seek = 0
+        while seek < len(audio):
+            features = log_mel(processor.feature_extractor, [audio[seek:seek + window]])
+            [result] = self.model.generate(self.encode(features), [prompt], beam_size=1, suppress_blank=True,
+                                           max_length=ct2_max_length(max_new_tokens, len(prompt)), suppress_tokens=[-1])
+            [decoded] = split_rows(result.sequences_ids, self.eos_token_id, max_new_tokens)
+            tokens, offset = decoded.tokens, seek / SAMPLE_RATE
+            stamps = [i for i, t in enumerate(tokens) if t >= begin]
+            closed = 0.0
+            for a, b in zip(stamps, stamps[1:]):
+                if b > a + 1:  # text between two timestamps: a segment
+                    start, closed = ((tokens[i] - begin) * TIME_STEP_S for i in (a, b))
+                    segments.append((offset + start, offset + closed,
+                                     text_of(processor.tokenizer, tokens[a + 1:b], self.eos_token_id)))
+            if closed == 0.0 and any(t < begin for t in tokens):  # no timestamp pair: the window's text as one
+                end = offset + min(window, len(audio) - seek) / SAMPLE_RATE
+                segments.append((offset, end, text_of(processor.tokenizer, tokens, self.eos_token_id)))
+            complete = len(tokens) > 1 and tokens[-1] >= begin > tokens[-2]  # ends on one timestamp: nothing cut
+            seek += window if complete or closed == 0.0 else round(closed * SAMPLE_RATE)
+        return segments

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import groupby
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from asr.infer.engines import Engine
 from asr.data.features import log_mel
@@ -25,20 +25,25 @@ def text_of(tokenizer, tokens: list[int], eos: int) -> str:
     return tokenizer.decode([t for t in tokens if t < eos], skip_special_tokens=True).strip()
 
 
+def language_batches(samples: Sequence[Sample], batch_size: int) -> Iterator[list[tuple[int, Sample]]]:
+    """(index, sample) batches of at most batch_size clips of one language each: a batch shares its prompt."""
+    indexed = sorted(enumerate(samples), key=lambda item: item[1].language)
+    for _, group in groupby(indexed, key=lambda item: item[1].language):
+        group = list(group)
+        for start in range(0, len(group), batch_size):
+            yield group[start:start + batch_size]
+
+
 def transcribe(engine: Engine, processor, samples: Sequence[Sample], batch_size: int = 8,
                max_new_tokens: int = 128, progress: Callable[[int], object] | None = None) -> list[Hypothesis]:
     """Transcribe samples, batching clips of the same language together; results in input order."""
     out: dict[int, Hypothesis] = {}
-    indexed = sorted(enumerate(samples), key=lambda item: item[1].language)
-    for language, group in groupby(indexed, key=lambda item: item[1].language):
-        group = list(group)
-        for start in range(0, len(group), batch_size):
-            batch = group[start:start + batch_size]
-            features = log_mel(processor.feature_extractor, [s.audio for _, s in batch])
-            decoded = engine.decode(engine.encode(features), language, max_new_tokens)
-            for (i, sample), d in zip(batch, decoded):
-                out[i] = Hypothesis(sample.id, text_of(processor.tokenizer, d.tokens, engine.eos_token_id),
-                                    d.tokens, d.capped)
-            if progress is not None:
-                progress(len(batch))
+    for batch in language_batches(samples, batch_size):
+        features = log_mel(processor.feature_extractor, [s.audio for _, s in batch])
+        decoded = engine.decode(engine.encode(features), batch[0][1].language, max_new_tokens)
+        for (i, sample), d in zip(batch, decoded):
+            out[i] = Hypothesis(sample.id, text_of(processor.tokenizer, d.tokens, engine.eos_token_id),
+                                d.tokens, d.capped)
+        if progress is not None:
+            progress(len(batch))
     return [out[i] for i in range(len(samples))]

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from asr.infer.engines import HfEngine
-from asr.bench.outputs import log_to_wandb, markdown_table, plot_wer_vs_latency
+from asr.bench.longform import bench_long_form
+from asr.bench.outputs import log_to_wandb, longform_table, markdown_table, plot_wer_vs_latency
 from asr.bench.run import BenchOptions, add_ratios, bench_one, interleaved_latency, load_eval_samples
 from asr.config import Recipe
 from asr.data.real import is_real
@@ -37,14 +38,16 @@ class CheckpointBench:
         self.roles = {label: role for (_, role), (label, _, _) in zip(refs, self.datasets)}
         # final/ is chosen on the dev sets; without any, on the test sets (never on real recordings)
         self.chosen_role = "dev" if recipe.data.dev else "test"
+        long = recipe.data.long_eval
+        self.long_sets = [(d, *load_eval_samples(d, long.limit, recipe.data.fallback_language, max_seconds=None))
+                          for d in long.sets] if long else []
+        self.long_file = self.out / "longform.jsonl"
         self.run_dir = run_dir
         self.memos: dict[tuple[str, str], dict] = {}  # frozen encoder: its states are computed once per clip
         self._teacher_engine: tuple[HfEngine, object] | None = None  # loaded once, timed next to each checkpoint
 
     def records(self) -> list[dict]:
-        if not self.file.is_file():
-            return []
-        return [json.loads(line) for line in self.file.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.file)
 
     def _teacher(self) -> tuple[HfEngine, object]:
         if self._teacher_engine is None:
@@ -71,10 +74,16 @@ class CheckpointBench:
                 record.update(step=step, path=model_dir, role=role, real_speech=role == "real",
                               **({} if role == "dev" else self._latency(engine, processor, samples, label)))
                 rows.append(record)
+            long_rows = [{**bench_long_form(engine, processor, label, samples, algorithm, self.opts.batch_size,
+                                            self.out), "step": step, "path": model_dir,
+                          "role": "real" if is_real(d) else "test", "real_speech": is_real(d)}
+                         for d, label, samples, _ in self.long_sets
+                         for algorithm in self.recipe.data.long_eval.algorithms]
         finally:
             torch.set_num_threads(threads)
-        with open(self.file, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        for file, written in ((self.file, rows), (self.long_file, long_rows)):
+            with open(file, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in written)
         self.redraw()
         return rows
 
@@ -129,6 +138,8 @@ class CheckpointBench:
     def redraw(self) -> None:
         records = with_paired_teacher(self.records())
         (self.out / "checkpoints.md").write_text(markdown_table(records))
+        if self.long_sets:
+            (self.out / "longform.md").write_text(longform_table(read_jsonl(self.long_file)))
         plot_wer_vs_latency(records, {"teacher"}, self.out / "checkpoints.png")
 
     def finalize(self, ckpt_root: Path) -> Path | None:
@@ -165,6 +176,10 @@ def with_paired_teacher(records: list[dict]) -> list[dict]:
                                   else value for key, value in paired[0].items()}
             teacher["latency"]["paired_timings"] = len(paired)
     return records
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def _mean(rows: list[dict], key: str) -> float:

@@ -1,0 +1,174 @@
+"""Long-form benchmark: files longer than Whisper's 30 s window, decoded by Whisper's sequential algorithm (HF
+`generate` on the whole log-mel input, each window conditioned on the previous one's text and advancing on its
+last timestamp) or by chunked decoding (the HF pipeline: overlapping 30 s chunks, batched, merged on the stride).
+
+Reported per (model, set, algorithm): WER, RTFx, the repetition rate and whether the predicted segments are sane.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from asr.bench.outputs import longform_table
+from asr.bench.run import BenchOptions, load_engine, load_eval_samples, model_labels, score, write_clips
+from asr.data.loading import SAMPLE_RATE, Sample
+from asr.errors import AsrError
+from asr.infer.engines import HfEngine
+from asr.infer.transcribe import Hypothesis, language_batches
+
+ALGORITHMS = ("sequential", "chunked")
+CHUNK_S, STRIDE_S = 30.0, 5.0  # the pipeline's chunk and its overlap on each side (HF's default: a sixth)
+EDGE_TOLERANCE_S = 0.1  # timestamps are quantized to 20 ms; a file's end is known to the sample
+GAP_TOLERANCE_S = 1.0  # a predicted gap may exceed the longest pause read by this much before speech was skipped
+
+
+@dataclass
+class LongHypothesis:
+    """A model's transcript of one long file and its predicted segments (end None: the model left it open)."""
+
+    text: str
+    segments: list[tuple[float, float | None]]
+
+
+def window_tokens(model) -> int:
+    """Tokens per 30 s window: HF keeps up to half the decoder's positions for the previous window's text, so
+    the new tokens (and the start tokens) must fit in the other half; a looping student stops there."""
+    return model.config.max_target_positions // 2 - 8
+
+
+def transcribe_sequential(engine: HfEngine, processor, samples: Sequence[Sample], language: str
+                          ) -> list[LongHypothesis]:
+    """Whisper's sequential long-form algorithm on a batch of files of one language, un-truncated."""
+    extractor = processor.feature_extractor
+    longest = max(len(s.audio) for s in samples)
+    features = extractor([s.audio for s in samples], sampling_rate=SAMPLE_RATE, truncation=False,
+                         padding="longest" if longest > extractor.n_samples else "max_length",
+                         return_attention_mask=True, return_tensors="pt")
+    with torch.inference_mode():
+        out = engine.model.generate(features.input_features.to(engine.model.device),
+                                    attention_mask=features.attention_mask.to(engine.model.device),
+                                    return_timestamps=True, condition_on_prev_tokens=True, return_segments=True,
+                                    max_new_tokens=window_tokens(engine.model), **engine.language_kwargs(language))
+    texts = processor.batch_decode(out["sequences"], skip_special_tokens=True)
+    return [LongHypothesis(text.strip(), [(round(float(s["start"]), 2), round(float(s["end"]), 2)) for s in segments])
+            for text, segments in zip(texts, out["segments"])]
+
+
+def chunked_pipeline(engine: HfEngine, processor, batch_size: int):
+    """The HF ASR pipeline over the engine's model: 30 s chunks overlapping by the stride, `batch_size` at once."""
+    from transformers import pipeline
+
+    return pipeline("automatic-speech-recognition", model=engine.model, tokenizer=processor.tokenizer,
+                    feature_extractor=processor.feature_extractor, chunk_length_s=CHUNK_S,
+                    stride_length_s=STRIDE_S, batch_size=batch_size, device=engine.model.device)
+
+
+def transcribe_chunked(engine: HfEngine, pipe, sample: Sample) -> LongHypothesis:
+    """Chunked decoding of one file with timestamps, through the pipeline."""
+    kwargs = {"max_new_tokens": window_tokens(engine.model), **engine.language_kwargs(sample.language)}
+    out = pipe({"raw": sample.audio, "sampling_rate": SAMPLE_RATE}, return_timestamps=True, generate_kwargs=kwargs)
+    return LongHypothesis(out["text"].strip(), [tuple(c["timestamp"]) for c in out.get("chunks", [])])
+
+
+def transcribe_long(engine: HfEngine, processor, samples: Sequence[Sample], algorithm: str, batch_size: int,
+                    progress=None) -> list[LongHypothesis]:
+    """Transcribe long files with one algorithm; results in input order."""
+    if algorithm not in ALGORITHMS:
+        raise AsrError(f"unknown long-form algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+    out: dict[int, LongHypothesis] = {}
+    if algorithm == "chunked":
+        pipe = chunked_pipeline(engine, processor, batch_size)
+        batches = [[(i, sample)] for i, sample in enumerate(samples)]  # the pipeline batches a file's chunks
+    else:
+        batches = list(language_batches(samples, batch_size))
+    for batch in batches:
+        if algorithm == "chunked":
+            hyps = [transcribe_chunked(engine, pipe, batch[0][1])]
+        else:
+            hyps = transcribe_sequential(engine, processor, [s for _, s in batch], batch[0][1].language)
+        out.update((i, hyp) for (i, _), hyp in zip(batch, hyps))
+        if progress is not None:
+            progress(len(batch))
+    return [out[i] for i in range(len(samples))]
+
+
+def timestamp_checks(predicted: Sequence[tuple[float, float | None]], duration: float,
+                     reference: Sequence[tuple[float, float, str]] | None) -> dict:
+    """Whether predicted segments are monotonic (each ends after it starts and before the next starts), inside
+    the audio, and leave no gap longer than the longest pause between the reference's sentences (plus a
+    tolerance): a longer gap means speech was skipped. Without timed references the gap check is None."""
+    edges = [x for segment in predicted for x in segment]
+    closed = None not in edges
+    monotonic = closed and all(b - a >= -EDGE_TOLERANCE_S for a, b in zip(edges, edges[1:]))
+    inside = closed and all(-EDGE_TOLERANCE_S <= x <= duration + EDGE_TOLERANCE_S for x in edges)
+    gaps = [b[0] - a[1] for a, b in zip(predicted, predicted[1:]) if a[1] is not None]
+    silence = max((b[0] - a[1] for a, b in zip(reference, reference[1:])), default=0.0) if reference else None
+    gaps_ok = None if silence is None else max(gaps, default=0.0) <= silence + GAP_TOLERANCE_S
+    return {"monotonic": monotonic, "inside": inside, "gaps_ok": gaps_ok, "max_gap_s": max(gaps, default=0.0),
+            "reference_max_silence_s": silence, "sane": monotonic and inside and gaps_ok is not False}
+
+
+def bench_long_form(engine: HfEngine, processor, label: str, samples: Sequence[Sample], algorithm: str,
+                    batch_size: int, out_dir: Path) -> dict:
+    """One (model, set, algorithm) record; per-file rows go to clips-<model>-<set>-<algorithm>.jsonl."""
+    start = time.perf_counter()
+    with tqdm(total=len(samples), desc=f"{engine.name} on {label}: long-form {algorithm}", unit="file") as bar:
+        hyps = transcribe_long(engine, processor, samples, algorithm, batch_size, progress=bar.update)
+    seconds = time.perf_counter() - start
+    record, clips = score(engine.name, label, samples, [Hypothesis(s.id, h.text, [], False)
+                                                        for s, h in zip(samples, hyps)])
+    for clip, sample, hyp in zip(clips, samples, hyps):
+        del clip["tokens"], clip["capped"]  # the pipeline returns no tokens; a window's cap is not reported
+        duration = len(sample.audio) / SAMPLE_RATE
+        clip.update(duration=duration, segments=hyp.segments,
+                    **timestamp_checks(hyp.segments, duration, sample.segments))
+    audio_seconds = sum(c["duration"] for c in clips)
+    del record["capped_rate"]
+    record.update(algorithm=algorithm, audio_seconds=audio_seconds, seconds=seconds, rtfx=audio_seconds / seconds,
+                  window_tokens=window_tokens(engine.model), batch_size=batch_size,
+                  **{f"{key}_rate": _share(clips, key) for key in ("sane", "monotonic", "inside", "gaps_ok")})
+    if algorithm == "chunked":
+        record.update(chunk_s=CHUNK_S, stride_s=STRIDE_S)
+    write_clips(out_dir / f"clips-{engine.name}-{label}-{algorithm}.jsonl", clips)
+    return record
+
+
+def _share(clips: list[dict], key: str) -> float | None:
+    values = [c[key] for c in clips if c[key] is not None]
+    return sum(values) / len(values) if values else None
+
+
+def run_long_form_bench(models: Sequence[str], datasets: Sequence[str], out_dir: Path,
+                        opts: BenchOptions) -> list[dict]:
+    """Benchmark models on long-form sets with opts.long_form's algorithms; writes longform.json, longform.md
+    and the per-file jsonl."""
+    if opts.engine != "hf" or opts.fallback or opts.streaming or opts.assistant:
+        raise AsrError("--long-form runs on the Hugging Face engine alone; drop --engine ct2, --fallback, "
+                       "--streaming and --assistant")
+    labels = model_labels(models)
+    torch.set_num_threads(opts.threads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    loaded = [load_eval_samples(d, opts.limit, max_seconds=None) for d in datasets]
+    for label, samples, stats in loaded:
+        print(f"{label}: {len(samples)} files, {sum(len(s.audio) for s in samples) / SAMPLE_RATE:.0f} s; "
+              f"{stats.summary()}")
+    records = []
+    for ref, name in zip(models, labels):
+        engine, processor, _ = load_engine(ref, "hf", name)
+        records += [bench_long_form(engine, processor, label, samples, algorithm, opts.batch_size, out_dir)
+                    for label, samples, _ in loaded for algorithm in opts.long_form]
+    (out_dir / "longform.json").write_text(json.dumps(records, indent=2))
+    (out_dir / "bench-options.json").write_text(json.dumps(asdict(opts), indent=2))
+    table = longform_table(records)
+    (out_dir / "longform.md").write_text(table)
+    print(table)
+    print(f"long-form: {len(labels)} model(s) on {len(datasets)} set(s) in {time.perf_counter() - started:.0f} s; "
+          f"results in {out_dir}")
+    return records
