@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from asr.bench.outputs import longform_table, markdown_table
-from asr.train.evaluate import read_jsonl, with_paired_teacher
+from asr.train.evaluate import read_jsonl, record_role, with_paired_teacher
 
 
 def plot_report(records: list[dict], history: list[dict], path: Path) -> None:
@@ -43,8 +43,7 @@ _ROLES = {"test": "test", "real": "real recordings", "dev": "dev, chooses final"
 
 
 def _column(r: dict) -> tuple[int, str, str]:
-    role = r.get("role") or ("real" if r.get("real_speech") else "test")
-    return list(_ROLES).index(role), r.get("algorithm", ""), r["dataset"]
+    return list(_ROLES).index(record_role(r)), r.get("algorithm", ""), r["dataset"]
 
 
 def wer_by_set(records: list[dict]) -> str:

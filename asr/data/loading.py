@@ -158,11 +158,11 @@ def open_dataset(ref: DatasetRef, streaming: bool = False):
 
 def rows_say_language(ref: DatasetRef) -> bool | None:
     """Whether each row's language is known (a `;language=` or a language column); None when the hub's dataset
-    card does not list its columns."""
+    card does not list its columns. Call it after `check_dataset`, which has checked the folder or the cache."""
     if ref.language:
         return True
-    path = check_dataset(ref)
-    if path is not None:
+    path = Path(ref.name).expanduser()
+    if path.exists():
         meta = sorted(path.rglob("metadata.csv")) or sorted(path.rglob("metadata.jsonl"))
         with open(meta[0], encoding="utf-8", newline="") as f:
             columns = json.loads(f.readline()) if meta[0].suffix == ".jsonl" else next(csv.reader(f), [])

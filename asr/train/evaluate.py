@@ -32,15 +32,15 @@ class CheckpointBench:
         self.opts = BenchOptions(limit=e.limit, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
                                  latency_clips=e.latency_clips, warmup=e.warmup)
         real_limit = e.limit if e.real_limit is None else e.real_limit
-        refs = [(d, "dev") for d in recipe.data.dev] + [(d, "real" if is_real(d) else "test") for d in recipe.data.eval]
+        refs = [(d, "dev") for d in recipe.data.dev] + [(d, _eval_role(d)) for d in recipe.data.eval]
         self.datasets = [load_eval_samples(d, real_limit if role == "real" else e.limit, recipe.data.fallback_language)
                          for d, role in refs]
         self.roles = {label: role for (_, role), (label, _, _) in zip(refs, self.datasets)}
         # final/ is chosen on the dev sets; without any, on the test sets (never on real recordings)
         self.chosen_role = "dev" if recipe.data.dev else "test"
         long = recipe.data.long_eval
-        self.long_sets = [(d, *load_eval_samples(d, long.limit, recipe.data.fallback_language, max_seconds=None))
-                          for d in long.sets] if long else []
+        self.long_sets = [(_eval_role(d), *load_eval_samples(d, long.limit, recipe.data.fallback_language,
+                                                              max_seconds=None)) for d in long.sets] if long else []
         self.long_file = self.out / "longform.jsonl"
         self.run_dir = run_dir
         self.memos: dict[tuple[str, str], dict] = {}  # frozen encoder: its states are computed once per clip
@@ -76,8 +76,8 @@ class CheckpointBench:
                 rows.append(record)
             long_rows = [{**bench_long_form(engine, processor, label, samples, algorithm, self.opts.batch_size,
                                             self.out), "step": step, "path": model_dir,
-                          "role": "real" if is_real(d) else "test", "real_speech": is_real(d)}
-                         for d, label, samples, _ in self.long_sets
+                          "role": role, "real_speech": role == "real"}
+                         for role, label, samples, _ in self.long_sets
                          for algorithm in self.recipe.data.long_eval.algorithms]
         finally:
             torch.set_num_threads(threads)
@@ -117,9 +117,8 @@ class CheckpointBench:
 
     def _chooses(self, record: dict) -> bool:
         """Whether a record's set chooses final/: the dev sets, else the test sets. Real recordings only report
-        (choosing on them would tune on them). Records written before roles existed carry only `real_speech`."""
-        role = record.get("role") or ("real" if record.get("real_speech") else "test")
-        return role == self.chosen_role
+        (choosing on them would tune on them)."""
+        return record_role(record) == self.chosen_role
 
     def best_checkpoint(self, ckpt_root: Path) -> Path | None:
         """The existing checkpoint with the lowest mean WER over the sets that choose (see `_chooses`); the
@@ -159,6 +158,15 @@ class CheckpointBench:
         tmp.rename(final)
         log_to_wandb(self.records())
         return final
+
+
+def _eval_role(ref: str) -> str:
+    return "real" if is_real(ref) else "test"
+
+
+def record_role(record: dict) -> str:
+    """dev, test or real; records written before roles existed carry only `real_speech`."""
+    return record.get("role") or ("real" if record.get("real_speech") else "test")
 
 
 def with_paired_teacher(records: list[dict]) -> list[dict]:
