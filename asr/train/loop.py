@@ -225,12 +225,8 @@ class Trainer:
         return state["step"], state["history"]
 
     def rng_states(self) -> list[dict]:
-        return self.gather({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()})
-
-    def gather(self, mine) -> list:
-        gathered: list = [None] * self.dist.world
-        dist.all_gather_object(gathered, mine)
-        return gathered
+        return self.dist.gather_objects({"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                                         "python": random.getstate()})
 
     def checkpoint(self, step: int, history: list[dict], bench: bool = True) -> None:
         """Save (collective), then bench on rank 0 unless `bench` is off: a preemption checkpoint must fit Slurm's
@@ -238,7 +234,7 @@ class Trainer:
         started = time.perf_counter()
         streaming = isinstance(self.batches, StreamingBatches)  # in-memory batches are a function of the step
         client = {"step": step, "history": history, "rng": self.rng_states(),
-                  "data": self.gather(self.batches.state()) if streaming else None}
+                  "data": self.dist.gather_objects(self.batches.state()) if streaming else None}
         ckpt = save_checkpoint(self.engine, self.ckpt_root, step, client, self.recipe.train.zero_stage, self.processor,
                                fp32_source=self.run_dir / "student" if self.bf16 else None)
         if bench:
