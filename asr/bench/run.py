@@ -184,8 +184,9 @@ def token_cap(tokenizer, references: Sequence[str], floor: int, window: int) -> 
 
 
 def bench_one(engine, processor, model, data: EvalSet, opts: BenchOptions, out_dir: Path,
-              encoder_memo: dict | None = None, latency: bool = True) -> dict:
-    """One (model, dataset) record: accuracy, latency, and the optional streaming / speculative figures.
+              encoder_memo: dict | None = None) -> dict:
+    """One (model, dataset) record: accuracy and the optional fallback / streaming figures (latency is timed
+    afterwards, every model interleaved).
 
     With `encoder_memo` (shared only among models with identical encoder weights) the accuracy pass reuses
     encoder states; the latency pass always runs the real encoder.
@@ -197,8 +198,6 @@ def bench_one(engine, processor, model, data: EvalSet, opts: BenchOptions, out_d
     record = accuracy_record(engine.name, data, clips, cap, model, opts, out_dir)
     if opts.fallback:
         record["fallback"] = fallback_pass(accuracy_engine, processor, model, data, opts, cap, out_dir)
-    if latency:
-        [record["latency"]] = interleaved_latency([(engine, processor)], data.timed, data.label, opts)
     if opts.streaming:
         from asr.bench.streaming import simulate_streaming
 
@@ -273,7 +272,7 @@ def run_bench(models: Sequence[str], datasets: Sequence[str], out_dir: Path, opt
         encoder = weights_fingerprint(model.model.encoder)
         for data in loaded:
             memo = memos.setdefault((encoder, data.label), {}) if opts.engine == "hf" else None
-            records.append(bench_one(engine, processor, model, data, opts, out_dir, memo, latency=False))
+            records.append(bench_one(engine, processor, model, data, opts, out_dir, memo))
         if opts.assistant is not None and engine.name == teachers[engine.name]:
             from asr.bench.speculative import speculative_check
 
