@@ -1,4 +1,5 @@
-"""Shared fixtures: a few real speech clips synthesized offline (espeak-ng and flite, several voices)."""
+"""Shared fixtures: a few real speech clips synthesized offline (espeak-ng and flite, several voices), tiny teachers,
+a gloo process group of one."""
 from __future__ import annotations
 
 import shutil
@@ -9,7 +10,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.distributed as dist
 import torchaudio
+
+from asr.train.engine import Dist
 
 SAMPLE_RATE = 16_000
 
@@ -51,6 +55,14 @@ def write_metadata(root, rows) -> None:
         writer = csv.writer(f)
         writer.writerow(["file_name", "transcription"])
         writer.writerows(rows)
+
+
+@pytest.fixture
+def world_of_one():
+    """A real gloo process group of one in this process: the bench gathers through it as under `asr run`."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="session")

@@ -128,15 +128,13 @@ def test_bench_names_same_named_folders_apart_and_reports_skipped_clips(tmp_path
 
 def test_token_cap_covers_the_longest_reference_within_the_window():
     """A 64-token cap cut 3 of the first 20 real Italian prompts short (the teacher read 40% WER, not 18%)."""
-    from types import SimpleNamespace
-
     from asr.bench.run import token_cap
     from asr.models.loading import load_processor
 
     tokenizer = load_processor("whisper-tiny.en").tokenizer
-    short = SimpleNamespace(text="The weather today is cold and windy.")
-    long = SimpleNamespace(text=" ".join(["numbers one two three four five six seven eight nine"] * 10))
-    n = len(tokenizer(long.text, add_special_tokens=False).input_ids)
+    short = "The weather today is cold and windy."
+    long = " ".join(["numbers one two three four five six seven eight nine"] * 10)
+    n = len(tokenizer(long, add_special_tokens=False).input_ids)
     assert n == 101
     assert token_cap(tokenizer, [short], 64, 448) == 64  # short references keep the floor
     assert token_cap(tokenizer, [short, long], 64, 448) == 135  # ceil(1.25 x 101) + 8

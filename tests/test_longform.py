@@ -109,10 +109,10 @@ def test_recipe_long_eval_is_checked():
         check_recipe(Recipe(data=DataConfig(train=["x"], eval=["y"], long_eval=LongEvalConfig())))
 
 
-def test_checkpoint_bench_reports_long_form_in_its_own_columns(long_set, tmp_path):
+def test_checkpoint_bench_reports_long_form_in_its_own_columns(long_set, tmp_path, world_of_one):
     recipe = Recipe(teacher=TEACHER, data=DataConfig(long_eval=LongEvalConfig(sets=[str(long_set)],
                                                                              algorithms=["sequential"])))
-    bench = CheckpointBench(tmp_path, recipe)
+    bench = CheckpointBench(tmp_path, recipe, world_of_one)
     bench._bench(TEACHER, "teacher", None)
     [record] = [json.loads(line) for line in (tmp_path / "bench" / "longform.jsonl").open()]
     assert record["model"] == "teacher" and record["algorithm"] == "sequential" and record["wer"] < 0.25
@@ -129,7 +129,7 @@ def test_exports_keep_long_form_timestamps(long_set, tmp_path):
 
     student = tmp_path / "final"
     prune_to_directory(TEACHER, student, decoder_keep=[0, 1, 2, 3])
-    [sample] = load_eval_samples(str(long_set), None, max_seconds=None)[1]
+    [sample] = load_eval_samples(str(long_set), None, max_seconds=None).samples
     out = pipeline("automatic-speech-recognition", model=str(student), chunk_length_s=30, batch_size=2)(
         sample.audio.copy(), return_timestamps=True)
     assert error_rates([normalize(sample.text, "en")], [normalize(out["text"], "en")])["wer"] < 0.25

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from asr.bench.outputs import longform_table
-from asr.bench.run import BenchOptions, load_engine, load_eval_samples, model_labels, score, write_clips
+from asr.bench.run import BenchOptions, clip_rows, load_engine, load_eval_samples, model_labels, score, write_clips
 from asr.data.loading import SAMPLE_RATE, Sample
 from asr.errors import AsrError
 from asr.infer.engines import HfEngine
@@ -121,8 +121,8 @@ def bench_long_form(engine: HfEngine, processor, label: str, samples: Sequence[S
     with tqdm(total=len(samples), desc=f"{engine.name} on {label}: long-form {algorithm}", unit="file") as bar:
         hyps = transcribe_long(engine, processor, samples, algorithm, batch_size, progress=bar.update)
     seconds = time.perf_counter() - start
-    record, clips = score(engine.name, label, samples, [Hypothesis(s.id, h.text, [], False)
-                                                        for s, h in zip(samples, hyps)])
+    clips = clip_rows(samples, [Hypothesis(s.id, h.text, [], False) for s, h in zip(samples, hyps)])
+    record = score(engine.name, label, clips)
     for clip, sample, hyp in zip(clips, samples, hyps):
         del clip["tokens"], clip["capped"]  # the pipeline returns no tokens; a window's cap is not reported
         duration = len(sample.audio) / SAMPLE_RATE
@@ -156,14 +156,14 @@ def run_long_form_bench(models: Sequence[str], datasets: Sequence[str], out_dir:
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     loaded = [load_eval_samples(d, opts.limit, max_seconds=None) for d in datasets]
-    for label, samples, stats in loaded:
-        print(f"{label}: {len(samples)} files, {sum(len(s.audio) for s in samples) / SAMPLE_RATE:.0f} s; "
-              f"{stats.summary()}")
+    for data in loaded:
+        seconds = sum(len(s.audio) for s in data.samples) / SAMPLE_RATE
+        print(f"{data.label}: {len(data.samples)} files, {seconds:.0f} s; {data.stats.summary()}")
     records = []
     for ref, name in zip(models, labels):
         engine, processor, _ = load_engine(ref, "hf", name)
-        records += [bench_long_form(engine, processor, label, samples, algorithm, opts.batch_size, out_dir)
-                    for label, samples, _ in loaded for algorithm in opts.long_form]
+        records += [bench_long_form(engine, processor, data.label, data.samples, algorithm, opts.batch_size, out_dir)
+                    for data in loaded for algorithm in opts.long_form]
     (out_dir / "longform.json").write_text(json.dumps(records, indent=2))
     (out_dir / "bench-options.json").write_text(json.dumps(asdict(opts), indent=2))
     table = longform_table(records)

@@ -42,6 +42,13 @@ class Dist:
         dist.all_reduce(tensor, op=op)
         return tensor
 
+    def gather_objects(self, mine: object) -> list:
+        """Every rank's picklable `mine`, in rank order, on every rank (torch pickles it onto the current device,
+        which `init_distributed` sets)."""
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, mine)
+        return gathered
+
 
 def init_distributed(threads_per_proc: int | None = None) -> Dist:
     """Join the process group started by torchrun/deepspeed (or a world of one) and pick the device."""

@@ -1,6 +1,11 @@
-"""Benchmark every saved student on the recipe's eval sets (rank 0), keep the table, pick the best.
+"""Benchmark every saved student on the recipe's eval sets, keep the table, pick the best.
 
-Each checkpoint's latency is timed clip by clip interleaved with the teacher's, and its decoder ratio is taken
+The accuracy pass is sharded over the ranks: each transcribes its stride of every eval set on its own device,
+holding only that stride's audio and encoder states, and rank 0 puts the gathered per-clip rows back in dataset
+order and scores them, so any world size writes the records a world of one would. The teacher is the one the run
+already holds for KD (one is loaded only for runs without a live teacher).
+
+Latency is timed on rank 0 alone, clip by clip interleaved with the teacher's, and the decoder ratio is taken
 against that paired teacher timing: training runs for hours on a shared machine, so a teacher timing from the
 start of the run would not be comparable with a checkpoint timed later under different load."""
 from __future__ import annotations
@@ -12,73 +17,98 @@ from pathlib import Path
 
 import torch
 
-from asr.infer.engines import HfEngine
+from asr.infer.engines import HfEngine, MemoizedEncoder
 from asr.bench.longform import bench_long_form
 from asr.bench.outputs import log_to_wandb, longform_table, markdown_table, plot_wer_vs_latency
-from asr.bench.run import BenchOptions, add_ratios, bench_one, interleaved_latency, load_eval_samples
+from asr.bench.run import (BenchOptions, EvalSet, accuracy_record, add_ratios, interleaved_latency, load_eval_samples,
+                           token_cap, transcribe_clips, unstride)
 from asr.config import Recipe
 from asr.data.real import is_real
 from asr.models.loading import load_processor, load_whisper, weights_fingerprint
+from asr.train.engine import Dist
 
 
 class CheckpointBench:
-    """Appends one record per (checkpoint, eval set) to RUN/bench/checkpoints.jsonl and redraws the table."""
+    """One per rank, and every rank calls `baselines` and `checkpoint` together (they gather); rank 0 appends one
+    record per (checkpoint, eval set) to RUN/bench/checkpoints.jsonl and redraws the table."""
 
-    def __init__(self, run_dir: Path, recipe: Recipe):
+    def __init__(self, run_dir: Path, recipe: Recipe, dist: Dist, teacher=None, dtype: torch.dtype = torch.float32):
+        """`teacher`: the run's live KD teacher, already on `dist.device` in `dtype`. Every model is benched in the
+        run's dtype, so the students are timed on the teacher's terms without a second copy of it."""
         e = recipe.eval
-        self.recipe, self.out = recipe, run_dir / "bench"
+        self.recipe, self.dist, self.dtype, self.out = recipe, dist, dtype, run_dir / "bench"
         self.out.mkdir(parents=True, exist_ok=True)
         self.file = self.out / "checkpoints.jsonl"
         self.opts = BenchOptions(limit=e.limit, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
                                  latency_clips=e.latency_clips, warmup=e.warmup)
         real_limit = e.limit if e.real_limit is None else e.real_limit
         refs = [(d, "dev") for d in recipe.data.dev] + [(d, _eval_role(d)) for d in recipe.data.eval]
-        self.datasets = [load_eval_samples(d, real_limit if role == "real" else e.limit, recipe.data.fallback_language)
+        self.datasets = [load_eval_samples(d, real_limit if role == "real" else e.limit, recipe.data.fallback_language,
+                                           0 if role == "dev" else e.latency_clips, dist.rank, dist.world)
                          for d, role in refs]
-        self.roles = {label: role for (_, role), (label, _, _) in zip(refs, self.datasets)}
+        self.roles = {data.label: role for (_, role), data in zip(refs, self.datasets)}
         # final/ is chosen on the dev sets; without any, on the test sets (never on real recordings)
         self.chosen_role = "dev" if recipe.data.dev else "test"
-        long = recipe.data.long_eval
-        self.long_sets = [(_eval_role(d), *load_eval_samples(d, long.limit, recipe.data.fallback_language,
-                                                              max_seconds=None)) for d in long.sets] if long else []
+        long = recipe.data.long_eval  # long-form files are decoded on rank 0 alone (not sharded yet)
+        self.long_sets = [(_eval_role(d), load_eval_samples(d, long.limit, recipe.data.fallback_language,
+                                                            max_seconds=None)) for d in long.sets] \
+            if long and dist.is_main else []
         self.long_file = self.out / "longform.jsonl"
         self.run_dir = run_dir
-        self.memos: dict[tuple[str, str], dict] = {}  # frozen encoder: its states are computed once per clip
-        self._teacher_engine: tuple[HfEngine, object] | None = None  # loaded once, timed next to each checkpoint
+        self.memo_encoder: str | None = None  # the encoder weights whose states `memos` holds
+        self.memos: dict[str, dict] = {}  # eval set -> encoder states of this rank's clips
+        self.live_teacher = teacher
+        self._teacher_engine: tuple[HfEngine, object] | None = None
 
     def records(self) -> list[dict]:
         return read_jsonl(self.file)
 
+    def _benched_models(self) -> set[str]:
+        """The models with records as rank 0 reads them: every rank must take the same branch, as each gathers."""
+        return self.dist.gather_objects({r["model"] for r in self.records()} if self.dist.is_main else None)[0]
+
     def _teacher(self) -> tuple[HfEngine, object]:
         if self._teacher_engine is None:
-            self._teacher_engine = (HfEngine(load_whisper(self.recipe.teacher), "teacher"),
-                                    load_processor(self.recipe.teacher))
+            model = self.live_teacher
+            if model is None:
+                model = load_whisper(self.recipe.teacher).to(self.dist.device, self.dtype)
+            self._teacher_engine = (HfEngine(model, "teacher", self.dist.device), load_processor(self.recipe.teacher))
         return self._teacher_engine
 
+    def _student(self, model_dir: str, name: str) -> tuple[HfEngine, object]:
+        model = load_whisper(model_dir).to(self.dist.device, self.dtype)
+        return HfEngine(model, name, self.dist.device), load_processor(model_dir)
+
     def _bench(self, model_dir: str, name: str, step: int | None) -> list[dict]:
+        """Every rank transcribes its stride of each set; rank 0 scores the gathered rows, times the model on the
+        sets that are timed and writes the records, which it returns (the other ranks return none)."""
+        engine, processor = self._teacher() if name == "teacher" else self._student(model_dir, name)
+        model = engine.model
+        encoder = weights_fingerprint(model.model.encoder)
+        if encoder != self.memo_encoder:  # a trained encoder: the old states are never asked for again
+            self.memo_encoder, self.memos = encoder, {}
+        rows = []
+        for data in self.datasets:
+            cap = token_cap(processor.tokenizer, data.references, self.opts.max_new_tokens,
+                            model.config.max_target_positions)
+            memo = self.memos.setdefault(data.label, {})
+            mine = transcribe_clips(MemoizedEncoder(engine, memo), processor, data.samples, self.opts.batch_size, cap,
+                                    f"{name} on {data.label}: WER" if self.dist.is_main else None)
+            parts = self.dist.gather_objects((mine, sum(map(len, self.memos.values()))))
+            if self.dist.is_main:
+                rows.append(self._record(name, step, model_dir, data, parts, cap, model))
+        if not self.dist.is_main:
+            return []
         threads = torch.get_num_threads()
         torch.set_num_threads(self.opts.threads)  # the other ranks wait at a barrier meanwhile
         try:
-            if name == "teacher":
-                engine, processor = self._teacher()
-            else:
-                engine, processor = HfEngine(load_whisper(model_dir), name), load_processor(model_dir)
-            model = engine.model
-            encoder = weights_fingerprint(model.model.encoder)
-            rows = []
-            for label, samples, stats in self.datasets:
-                memo = self.memos.setdefault((encoder, label), {})
-                record = bench_one(engine, processor, model, label, samples, self.opts, self.out, memo,
-                                   latency=False, stats=stats)
-                role = self.roles[label]
-                record.update(step=step, path=model_dir, role=role, real_speech=role == "real",
-                              **({} if role == "dev" else self._latency(engine, processor, samples, label)))
-                rows.append(record)
-            long_rows = [{**bench_long_form(engine, processor, label, samples, algorithm, self.opts.batch_size,
-                                            self.out), "step": step, "path": model_dir,
+            for record, data in zip(rows, self.datasets):
+                if record["role"] != "dev":
+                    record.update(self._latency(engine, processor, data))
+            long_rows = [{**bench_long_form(engine, processor, data.label, data.samples, algorithm,
+                                            self.opts.batch_size, self.out), "step": step, "path": model_dir,
                           "role": role, "real_speech": role == "real"}
-                         for role, label, samples, _ in self.long_sets
-                         for algorithm in self.recipe.data.long_eval.algorithms]
+                         for role, data in self.long_sets for algorithm in self.recipe.data.long_eval.algorithms]
         finally:
             torch.set_num_threads(threads)
         for file, written in ((self.file, rows), (self.long_file, long_rows)):
@@ -87,28 +117,45 @@ class CheckpointBench:
         self.redraw()
         return rows
 
-    def _latency(self, engine: HfEngine, processor, samples: list, label: str) -> dict:
+    def _record(self, name: str, step: int | None, model_dir: str, data: EvalSet, parts: list[tuple], cap: int,
+                model) -> dict:
+        """Rank 0: one set's record from every rank's (clip rows, encoder states held); the shares are kept, so a
+        record shows that no rank held more than its stride."""
+        record = accuracy_record(name, data, unstride([clips for clips, _ in parts]), cap, model, self.opts, self.out)
+        role = self.roles[data.label]
+        record.update(step=step, path=model_dir, role=role, real_speech=role == "real",
+                      dtype=str(self.dtype).removeprefix("torch."), clips_per_rank=[len(clips) for clips, _ in parts],
+                      encoder_states_per_rank=[held for _, held in parts])
+        return record
+
+    def _latency(self, engine: HfEngine, processor, data: EvalSet) -> dict:
         """This model's latency, and the teacher's timed alongside it (unless it is the teacher)."""
         if engine.name == "teacher":
-            return {"latency": interleaved_latency([(engine, processor)], samples, label, self.opts)[0]}
-        teacher, student = interleaved_latency([self._teacher(), (engine, processor)], samples, label, self.opts)
+            return {"latency": interleaved_latency([(engine, processor)], data.timed, data.label, self.opts)[0]}
+        teacher, student = interleaved_latency([self._teacher(), (engine, processor)], data.timed, data.label,
+                                               self.opts)
         return {"latency": student, "paired_teacher_latency": teacher}
 
     def baselines(self) -> None:
         """The teacher and the pruned, untrained student: the two ends of the recovery."""
-        done = {r["model"] for r in self.records()}
+        done = self._benched_models()
         if "teacher" not in done:
             self._bench(self.recipe.teacher, "teacher", None)
+        if not self.dist.is_main and self.live_teacher is None:
+            self._teacher_engine = None  # a loaded teacher is needed on rank 0 only from here on (paired latency)
         if "pruned-untrained" not in done:
             self._bench(str(self.run_dir / "student"), "pruned-untrained", 0)
 
     def benched(self, step: int) -> bool:
         """Whether the checkpoint of `step` has its records (one saved at preemption is benched after the resume)."""
-        return any(r["model"] == f"step-{step}" for r in self.records())
+        return f"step-{step}" in self._benched_models()
 
-    def checkpoint(self, hf_dir: Path, step: int) -> dict:
-        """Bench one checkpoint; means over the sets that choose final/, and the WER of every set by name."""
+    def checkpoint(self, hf_dir: Path, step: int) -> dict | None:
+        """Bench one checkpoint on every rank. Rank 0 gets the means over the sets that choose final/ and the WER of
+        every set by name; the other ranks get None."""
         rows = self._bench(str(hf_dir), f"step-{step}", step)
+        if not self.dist.is_main:
+            return None
         chosen = [r for r in rows if self._chooses(r)] or rows
         return {"wer": _mean(chosen, "wer"), "cer": _mean(chosen, "cer"),
                 "repetition_rate": _mean(chosen, "repetition_rate"),

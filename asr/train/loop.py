@@ -67,12 +67,17 @@ class Trainer:
         r = self.recipe
         self.tracker = Tracker(self.run_dir, recipe_to_dict(r), r.tracking.project, r.tracking.mode,
                                r.tracking.wandb and self.dist.is_main, self.run_dir.name)
-        self.bench = CheckpointBench(self.run_dir, r) if self.dist.is_main else None
+        self.bench = CheckpointBench(self.run_dir, r, self.dist, self.teacher, self.dtype)
 
     @property
     def teacher_cache(self) -> bool:
         """KD from the teacher's cached targets instead of a live teacher."""
         return bool(self.recipe.objective.method == "kd" and self.recipe.objective.teacher_cache)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the models compute in: bf16 where the recipe (or 'auto' on capable hardware) asks for it."""
+        return torch.bfloat16 if self.bf16 else torch.float32
 
     def seed_everything(self) -> None:
         seed = self.recipe.train.seed + self.dist.rank
@@ -121,13 +126,12 @@ class Trainer:
         states into logits."""
         r = self.recipe
         self.bf16 = use_bf16(r.train.bf16)
-        dtype = torch.bfloat16 if self.bf16 else torch.float32
         if self.teacher is not None:
-            self.teacher.to(self.dist.device, dtype)
+            self.teacher.to(self.dist.device, self.dtype)
         self.teacher_out = None
         targets = None if r.data.streaming else self.batches.teacher_targets
         if targets and "states" in targets[0]:
-            self.teacher_out = output_embedding(r.teacher).to(self.dist.device, dtype)
+            self.teacher_out = output_embedding(r.teacher).to(self.dist.device, self.dtype)
             check_compatible(student.config.vocab_size, self.teacher_out.shape[0], str(self.run_dir / "student"),
                              r.teacher)
 
@@ -169,8 +173,7 @@ class Trainer:
     # --- one step --------------------------------------------------------------------------------------
     def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Loss parts for one micro-batch."""
-        dtype = torch.bfloat16 if self.bf16 else torch.float32
-        dev = self.dist.device
+        dtype, dev = self.dtype, self.dist.device
         decoder = {"decoder_input_ids": batch["decoder_input_ids"].to(dev),
                    "decoder_attention_mask": batch["decoder_attention_mask"].to(dev)}
         labels = batch["labels"].to(dev)
@@ -213,7 +216,7 @@ class Trainer:
         if ckpt is None:
             return 0, []
         state = load_checkpoint(self.engine, ckpt, self.dist.world)
-        if self.bench is not None and not self.bench.benched(state["step"]):  # saved at preemption: bench it now
+        if not self.bench.benched(state["step"]):  # saved at preemption: bench it now
             self.bench_checkpoint(ckpt, state["step"])
         torch.set_rng_state(state["rng"][self.dist.rank]["torch"])
         np.random.set_state(state["rng"][self.dist.rank]["numpy"])
@@ -225,20 +228,16 @@ class Trainer:
         return state["step"], state["history"]
 
     def rng_states(self) -> list[dict]:
-        return self.gather({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()})
-
-    def gather(self, mine) -> list:
-        gathered: list = [None] * self.dist.world
-        dist.all_gather_object(gathered, mine)
-        return gathered
+        return self.dist.gather_objects({"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                                         "python": random.getstate()})
 
     def checkpoint(self, step: int, history: list[dict], bench: bool = True) -> None:
-        """Save (collective), then bench on rank 0 unless `bench` is off: a preemption checkpoint must fit Slurm's
-        warning window, so it is benched after the resume."""
+        """Save, then bench on every rank unless `bench` is off (both collective): a preemption checkpoint must fit
+        Slurm's warning window, so it is benched after the resume."""
         started = time.perf_counter()
         streaming = isinstance(self.batches, StreamingBatches)  # in-memory batches are a function of the step
         client = {"step": step, "history": history, "rng": self.rng_states(),
-                  "data": self.gather(self.batches.state()) if streaming else None}
+                  "data": self.dist.gather_objects(self.batches.state()) if streaming else None}
         ckpt = save_checkpoint(self.engine, self.ckpt_root, step, client, self.recipe.train.zero_stage, self.processor,
                                fp32_source=self.run_dir / "student" if self.bf16 else None)
         if bench:
@@ -247,10 +246,10 @@ class Trainer:
         self.untimed += time.perf_counter() - started
 
     def bench_checkpoint(self, ckpt: Path, step: int) -> None:
-        """Rank 0: bench a saved checkpoint, log it, and prune the old ones (keeping the best)."""
-        if self.bench is None:
-            return
+        """Bench a saved checkpoint on every rank; rank 0 logs it and prunes the old ones (keeping the best)."""
         record = self.bench.checkpoint(ckpt / "hf", step)
+        if record is None:
+            return
         self.tracker.log({"eval/wer": record["wer"], "eval/cer": record["cer"],
                           "eval/repetition_rate": record["repetition_rate"],
                           "eval/decoder_ms_per_token": record["latency"]["decoder_ms_per_token_p50"],
@@ -306,7 +305,7 @@ class Trainer:
         metrics_file = self.run_dir / "metrics.jsonl"
         if self.dist.is_main:  # the loss curve up to the checkpoint we resumed from, then appended per step
             metrics_file.write_text("".join(json.dumps(row) + "\n" for row in history))
-        if start == 0 and self.bench is not None:
+        if start == 0:
             self.bench.baselines()
         # every step either appends a history row or was skipped, so the count survives a resume
         bad_in_row, skipped, samples, tokens = 0, start - len(history), 0, 0
@@ -361,8 +360,7 @@ class Trainer:
                        "skipped_samples_rank0": dict(self.stats.counts), "final_loss": history[-1] if history else None,
                        "label_layout_rank0": self.layout_counts}
             (self.run_dir / "train-summary.json").write_text(json.dumps(summary, indent=2))
-            if self.bench is not None:
-                self.bench.finalize(self.ckpt_root)
-                self.tracker.log_artifact(self.run_dir / "bench", "bench")
+            self.bench.finalize(self.ckpt_root)
+            self.tracker.log_artifact(self.run_dir / "bench", "bench")
             self.tracker.finish()
         dist.barrier()
