@@ -3,13 +3,14 @@ per-checkpoint long-form bench, and exports that keep timestamps (HF `final/`-st
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
-from asr.bench.longform import timestamp_checks
+from asr.bench.longform import cut_at_pauses, timestamp_checks
 from asr.bench.run import load_eval_samples
 from asr.cli import main
 from asr.config import DataConfig, LongEvalConfig, Recipe, SynthConfig, load_recipe
@@ -80,11 +81,26 @@ def test_timestamp_checks():
     assert timestamp_checks([(0.0, 2.2), (5.0, 9.0)], 9.2, None)["gaps_ok"] is None
 
 
+def test_short_form_cuts_a_long_file_at_its_pauses_into_windows(long_set):
+    [sample] = load_eval_samples(str(long_set), None, max_seconds=None).samples
+    pieces = cut_at_pauses(sample)
+    assert len(pieces) == 2  # 41 s of sentences: two windows
+    assert all(len(p.audio) <= 30 * SAMPLE_RATE for p in pieces)
+    assert sum(len(p.audio) for p in pieces) == len(sample.audio)  # contiguous, nothing dropped
+    assert " ".join(p.text for p in pieces) == sample.text
+    cut = len(pieces[0].audio) / SAMPLE_RATE  # inside a pause between two sentences
+    assert any(a[1] < cut < b[0] for a, b in zip(sample.segments, sample.segments[1:]))
+    with pytest.raises(AsrError, match="short-form needs the file's timed sentences"):
+        cut_at_pauses(dataclasses.replace(sample, segments=None))
+
+
 def test_bench_long_form_both_algorithms(long_set, tmp_path, capsys):
     main(["bench", "--model", TEACHER, "--data", str(long_set), "--long-form", "sequential", "--long-form", "chunked",
-          "--out", str(tmp_path), "--threads", "2", "--batch-size", "4"])
+          "--long-form", "short-form", "--out", str(tmp_path), "--threads", "2", "--batch-size", "4"])
     records = {r["algorithm"]: r for r in json.loads((tmp_path / "longform.json").read_text())}
-    assert set(records) == {"sequential", "chunked"}
+    assert set(records) == {"sequential", "chunked", "short-form"}
+    short = records.pop("short-form")
+    assert short["wer"] < 0.25 and short["sane_rate"] is None  # the same speech as short clips; no timestamps
     for algorithm, r in records.items():
         assert r["n"] == 1 and r["audio_seconds"] > 35 and r["rtfx"] > 0
         assert r["wer"] < 0.25, (algorithm, r["wer"])  # tiny.en reads flite's rms voice at about 10-15%

@@ -3,6 +3,9 @@
 last timestamp) or by chunked decoding (the HF pipeline: overlapping 30 s chunks, batched, merged on the stride).
 
 Reported per (model, set, algorithm): WER, RTFx, the repetition rate and whether the predicted segments are sane.
+The `short-form` algorithm is the reference on the same speech: each file cut at the middle of the pauses between
+its timed sentences into pieces of at most 30 s, each transcribed alone as a short clip (greedy, no timestamps),
+so a long-form WER can be read against the model's own short-form WER on identical audio.
 """
 from __future__ import annotations
 
@@ -20,9 +23,9 @@ from asr.bench.run import BenchOptions, clip_rows, load_engine, load_eval_sample
 from asr.data.loading import SAMPLE_RATE, Sample
 from asr.errors import AsrError
 from asr.infer.engines import HfEngine
-from asr.infer.transcribe import Hypothesis, language_batches
+from asr.infer.transcribe import Hypothesis, language_batches, transcribe
 
-ALGORITHMS = ("sequential", "chunked")
+ALGORITHMS = ("sequential", "chunked", "short-form")
 CHUNK_S, STRIDE_S = 30.0, 5.0  # the pipeline's chunk and its overlap on each side (HF's default: a sixth)
 EDGE_TOLERANCE_S = 0.1  # timestamps are quantized to 20 ms; a file's end is known to the sample
 GAP_TOLERANCE_S = 1.0  # a predicted gap may exceed the longest pause read by this much before speech was skipped
@@ -76,11 +79,44 @@ def transcribe_chunked(engine: HfEngine, pipe, sample: Sample) -> LongHypothesis
     return LongHypothesis(out["text"].strip(), [tuple(c["timestamp"]) for c in out.get("chunks", [])])
 
 
+def cut_at_pauses(sample: Sample) -> list[Sample]:
+    """A long file as consecutive pieces of at most 30 s, cut at the middle of the pauses between its timed
+    sentences (a sentence longer than the window is a piece of its own, truncated by the features)."""
+    if not sample.segments:
+        raise AsrError(f"{sample.id}: short-form needs the file's timed sentences (the `segments` column that "
+                       "`asr data synth --long` writes); use sequential or chunked for this set")
+    cuts = [0] + [round((a[1] + b[0]) / 2 * SAMPLE_RATE) for a, b in zip(sample.segments, sample.segments[1:])] \
+        + [len(sample.audio)]
+    pieces, start = [], 0
+    for i in range(1, len(cuts)):
+        last = i == len(cuts) - 1
+        if last or cuts[i + 1] - cuts[start] > CHUNK_S * SAMPLE_RATE:
+            texts = " ".join(text for _, _, text in sample.segments[start:i])
+            pieces.append(Sample(f"{sample.id}#{len(pieces)}", sample.audio[cuts[start]:cuts[i]], texts,
+                                 sample.language))
+            start = i
+    return pieces
+
+
+def transcribe_short_form(engine: HfEngine, processor, sample: Sample, batch_size: int) -> LongHypothesis:
+    """One file's pieces (`cut_at_pauses`) transcribed as short clips; their texts joined, no timestamps."""
+    pieces = cut_at_pauses(sample)
+    hyps = transcribe(engine, processor, pieces, batch_size, window_tokens(engine.model))
+    return LongHypothesis(" ".join(h.text for h in hyps if h.text), [])
+
+
 def transcribe_long(engine: HfEngine, processor, samples: Sequence[Sample], algorithm: str, batch_size: int,
                     progress=None) -> list[LongHypothesis]:
     """Transcribe long files with one algorithm; results in input order."""
     if algorithm not in ALGORITHMS:
         raise AsrError(f"unknown long-form algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+    if algorithm == "short-form":
+        hyps = []
+        for sample in samples:
+            hyps.append(transcribe_short_form(engine, processor, sample, batch_size))
+            if progress is not None:
+                progress(1)
+        return hyps
     out: dict[int, LongHypothesis] = {}
     if algorithm == "chunked":
         pipe = chunked_pipeline(engine, processor, batch_size)
@@ -126,8 +162,9 @@ def bench_long_form(engine: HfEngine, processor, label: str, samples: Sequence[S
     for clip, sample, hyp in zip(clips, samples, hyps):
         del clip["tokens"], clip["capped"]  # the pipeline returns no tokens; a window's cap is not reported
         duration = len(sample.audio) / SAMPLE_RATE
-        clip.update(duration=duration, segments=hyp.segments,
-                    **timestamp_checks(hyp.segments, duration, sample.segments))
+        checks = timestamp_checks(hyp.segments, duration, sample.segments) if algorithm != "short-form" else \
+            dict.fromkeys(("monotonic", "inside", "gaps_ok", "max_gap_s", "reference_max_silence_s", "sane"))
+        clip.update(duration=duration, segments=hyp.segments, **checks)  # short-form predicts no timestamps
     audio_seconds = sum(c["duration"] for c in clips)
     del record["capped_rate"]
     record.update(algorithm=algorithm, audio_seconds=audio_seconds, seconds=seconds, rtfx=audio_seconds / seconds,
