@@ -1,4 +1,4 @@
-"""The embedded default end to end (slow tier, ~15 min on 2 cores): `asr run quickstart` must recover."""
+"""The embedded default end to end (slow tier, ~20 min on 2 idle cores): `asr run quickstart` must recover."""
 from __future__ import annotations
 
 import json
