@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 
+from asr.bench.longform import run_long_form_bench
 from asr.bench.run import BenchOptions, load_eval_samples, run_bench, unstride
 from asr.config import load_recipe
 from asr.models.loading import load_whisper
@@ -62,10 +63,11 @@ def test_the_live_teacher_is_benched_and_a_trained_encoder_drops_the_old_states(
 def test_a_two_process_bench_equals_a_one_process_bench_of_the_same_models(tmp_path, speech_folder, micro_teacher):
     """2 ranks split 5 clips 3/2 (each memoizes only its own encoder states); the gathered rows, in dataset order,
     and the figures equal `asr bench`'s on one process. The longest reference is on rank 1, so a token cap taken
-    from a rank's own clips would cut rank 0's hypotheses elsewhere."""
+    from a rank's own clips would cut rank 0's hypotheses elsewhere. A long-form set is split the same way."""
     eval_ = {**FAST_EVAL, "limit": 5}
+    long_eval = {"sets": [str(speech_folder)], "algorithms": ["sequential"], "limit": 3}
     recipe = write_recipe(tmp_path / "r.yaml", str(micro_teacher), speech_folder, eval=eval_,
-                          train={"max_steps": 2}, tracking={"wandb": False})
+                          train={"max_steps": 2}, tracking={"wandb": False}, data={"long_eval": long_eval})
     run = tmp_path / "run"
     asr_run(recipe, run)
     rows = bench_records(run)
@@ -84,3 +86,11 @@ def test_a_two_process_bench_equals_a_one_process_bench_of_the_same_models(tmp_p
         for key in ("n", "wer", "cer", "substitutions", "deletions", "insertions", "repetition_rate", "capped_rate",
                     "per_language", "max_new_tokens"):
             assert a[key] == b[key], (sharded, key)
+    long_rows = [json.loads(line) for line in (run / "bench" / "longform.jsonl").read_text().splitlines()]
+    assert [(r["model"], r["n"], r["files_per_rank"]) for r in long_rows] == [
+        (model, 3, [2, 1]) for model in ("teacher", "pruned-untrained", "step-2")]
+    one_long = run_long_form_bench([str(checkpoint)], [str(speech_folder)], tmp_path / "one-long",
+                                   BenchOptions(threads=1, long_form=["sequential"], **{**eval_, "limit": 3}))
+    assert clip_rows(run / "bench" / f"clips-step-2-{dataset}-sequential.jsonl") == clip_rows(
+        tmp_path / "one-long" / f"clips-hf-{dataset}-sequential.jsonl")
+    assert long_rows[-1]["wer"] == one_long[0]["wer"] and long_rows[-1]["audio_seconds"] == one_long[0]["audio_seconds"]

@@ -150,30 +150,46 @@ def timestamp_checks(predicted: Sequence[tuple[float, float | None]], duration: 
             "reference_max_silence_s": silence, "sane": monotonic and inside and gaps_ok is not False}
 
 
-def bench_long_form(engine: HfEngine, processor, label: str, samples: Sequence[Sample], algorithm: str,
-                    batch_size: int, out_dir: Path) -> dict:
-    """One (model, set, algorithm) record; per-file rows go to clips-<model>-<set>-<algorithm>.jsonl."""
+def long_form_rows(engine: HfEngine, processor, label: str, samples: Sequence[Sample], algorithm: str,
+                   batch_size: int, show_progress: bool = True) -> tuple[list[dict], float]:
+    """Per-file rows (transcript, predicted segments and their checks) of one algorithm, and the seconds it took:
+    the part of the long-form bench that each rank of a sharded evaluation runs on its stride of the files."""
     start = time.perf_counter()
-    with tqdm(total=len(samples), desc=f"{engine.name} on {label}: long-form {algorithm}", unit="file") as bar:
+    with tqdm(total=len(samples), desc=f"{engine.name} on {label}: long-form {algorithm}", unit="file",
+              disable=not show_progress) as bar:
         hyps = transcribe_long(engine, processor, samples, algorithm, batch_size, progress=bar.update)
     seconds = time.perf_counter() - start
     clips = clip_rows(samples, [Hypothesis(s.id, h.text, [], False) for s, h in zip(samples, hyps)])
-    record = score(engine.name, label, clips)
     for clip, sample, hyp in zip(clips, samples, hyps):
         del clip["tokens"], clip["capped"]  # the pipeline returns no tokens; a window's cap is not reported
         duration = len(sample.audio) / SAMPLE_RATE
         checks = timestamp_checks(hyp.segments, duration, sample.segments) if algorithm != "short-form" else \
             dict.fromkeys(("monotonic", "inside", "gaps_ok", "max_gap_s", "reference_max_silence_s", "sane"))
         clip.update(duration=duration, segments=hyp.segments, **checks)  # short-form predicts no timestamps
+    return clips, seconds
+
+
+def long_form_record(name: str, label: str, clips: list[dict], seconds: float, algorithm: str, model,
+                     batch_size: int, out_dir: Path) -> dict:
+    """One (model, set, algorithm) record from every file's rows (gathered in file order); `seconds` of decoding
+    summed over the ranks, so RTFx is one device's. Per-file rows go to clips-<model>-<set>-<algorithm>.jsonl."""
+    record = score(name, label, clips)
     audio_seconds = sum(c["duration"] for c in clips)
     del record["capped_rate"]
     record.update(algorithm=algorithm, audio_seconds=audio_seconds, seconds=seconds, rtfx=audio_seconds / seconds,
-                  window_tokens=window_tokens(engine.model), batch_size=batch_size,
+                  window_tokens=window_tokens(model), batch_size=batch_size,
                   **{f"{key}_rate": _share(clips, key) for key in ("sane", "monotonic", "inside", "gaps_ok")})
     if algorithm == "chunked":
         record.update(chunk_s=CHUNK_S, stride_s=STRIDE_S)
-    write_clips(out_dir / f"clips-{engine.name}-{label}-{algorithm}.jsonl", clips)
+    write_clips(out_dir / f"clips-{name}-{label}-{algorithm}.jsonl", clips)
     return record
+
+
+def bench_long_form(engine: HfEngine, processor, label: str, samples: Sequence[Sample], algorithm: str,
+                    batch_size: int, out_dir: Path) -> dict:
+    """One (model, set, algorithm) record in this process."""
+    clips, seconds = long_form_rows(engine, processor, label, samples, algorithm, batch_size)
+    return long_form_record(engine.name, label, clips, seconds, algorithm, engine.model, batch_size, out_dir)
 
 
 def _share(clips: list[dict], key: str) -> float | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from asr.infer.engines import HfEngine, MemoizedEncoder
-from asr.bench.longform import bench_long_form
+from asr.bench.longform import long_form_record, long_form_rows
 from asr.bench.outputs import log_to_wandb, longform_table, markdown_table, plot_wer_vs_latency
 from asr.bench.run import (BenchOptions, EvalSet, accuracy_record, add_ratios, interleaved_latency, load_eval_samples,
                            token_cap, transcribe_clips, unstride)
@@ -49,10 +49,10 @@ class CheckpointBench:
         self.roles = {data.label: role for (_, role), data in zip(refs, self.datasets)}
         # final/ is chosen on the dev sets; without any, on the test sets (never on real recordings)
         self.chosen_role = "dev" if recipe.data.dev else "test"
-        long = recipe.data.long_eval  # long-form files are decoded on rank 0 alone (not sharded yet)
+        long = recipe.data.long_eval  # long-form files: each rank decodes its stride of them too
         self.long_sets = [(_eval_role(d), load_eval_samples(d, long.limit, recipe.data.fallback_language,
-                                                            max_seconds=None)) for d in long.sets] \
-            if long and dist.is_main else []
+                                                            rank=dist.rank, world=dist.world, max_seconds=None))
+                          for d in long.sets] if long else []
         self.long_file = self.out / "longform.jsonl"
         self.run_dir = run_dir
         self.memo_encoder: str | None = None  # the encoder weights whose states `memos` holds
@@ -97,6 +97,8 @@ class CheckpointBench:
             parts = self.dist.gather_objects((mine, sum(map(len, self.memos.values()))))
             if self.dist.is_main:
                 rows.append(self._record(name, step, model_dir, data, parts, cap, model))
+        long_rows = [self._long_form(engine, processor, role, data, algorithm, step, model_dir)
+                     for role, data in self.long_sets for algorithm in self.recipe.data.long_eval.algorithms]
         if not self.dist.is_main:
             return []
         threads = torch.get_num_threads()
@@ -105,10 +107,6 @@ class CheckpointBench:
             for record, data in zip(rows, self.datasets):
                 if record["role"] != "dev":
                     record.update(self._latency(engine, processor, data))
-            long_rows = [{**bench_long_form(engine, processor, data.label, data.samples, algorithm,
-                                            self.opts.batch_size, self.out), "step": step, "path": model_dir,
-                          "role": role, "real_speech": role == "real"}
-                         for role, data in self.long_sets for algorithm in self.recipe.data.long_eval.algorithms]
         finally:
             torch.set_num_threads(threads)
         for file, written in ((self.file, rows), (self.long_file, long_rows)):
@@ -127,6 +125,20 @@ class CheckpointBench:
                       dtype=str(self.dtype).removeprefix("torch."), clips_per_rank=[len(clips) for clips, _ in parts],
                       encoder_states_per_rank=[held for _, held in parts])
         return record
+
+    def _long_form(self, engine: HfEngine, processor, role: str, data: EvalSet, algorithm: str, step: int | None,
+                   model_dir: str) -> dict | None:
+        """Every rank decodes its stride of a long-form set; rank 0 gets the record (the others None)."""
+        mine = long_form_rows(engine, processor, data.label, data.samples, algorithm, self.opts.batch_size,
+                              show_progress=self.dist.is_main)
+        parts = self.dist.gather_objects(mine)
+        if not self.dist.is_main:
+            return None
+        record = long_form_record(engine.name, data.label, unstride([clips for clips, _ in parts]),
+                                  sum(seconds for _, seconds in parts), algorithm, engine.model, self.opts.batch_size,
+                                  self.out)
+        return {**record, "step": step, "path": model_dir, "role": role, "real_speech": role == "real",
+                "files_per_rank": [len(clips) for clips, _ in parts]}
 
     def _latency(self, engine: HfEngine, processor, data: EvalSet) -> dict:
         """This model's latency, and the teacher's timed alongside it (unless it is the teacher)."""
