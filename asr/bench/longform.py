@@ -161,7 +161,6 @@ def long_form_rows(engine: HfEngine, processor, label: str, samples: Sequence[Sa
     seconds = time.perf_counter() - start
     clips = clip_rows(samples, [Hypothesis(s.id, h.text, [], False) for s, h in zip(samples, hyps)])
     for clip, sample, hyp in zip(clips, samples, hyps):
-        del clip["tokens"], clip["capped"]  # the pipeline returns no tokens; a window's cap is not reported
         duration = len(sample.audio) / SAMPLE_RATE
         checks = timestamp_checks(hyp.segments, duration, sample.segments) if algorithm != "short-form" else \
             dict.fromkeys(("monotonic", "inside", "gaps_ok", "max_gap_s", "reference_max_silence_s", "sane"))
@@ -174,6 +173,8 @@ def long_form_record(name: str, label: str, clips: list[dict], seconds: float, a
     """One (model, set, algorithm) record from every file's rows (gathered in file order); `seconds` of decoding
     summed over the ranks, so RTFx is one device's. Per-file rows go to clips-<model>-<set>-<algorithm>.jsonl."""
     record = score(name, label, clips)
+    for clip in clips:
+        del clip["tokens"], clip["capped"]  # the pipeline returns no tokens; a window's cap is not reported
     audio_seconds = sum(c["duration"] for c in clips)
     del record["capped_rate"]
     record.update(algorithm=algorithm, audio_seconds=audio_seconds, seconds=seconds, rtfx=audio_seconds / seconds,
