@@ -13,7 +13,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo test test-slow apt
+.PHONY: setup demo test test-slow test-gpu apt
 setup: apt $(STAMP)
 
 apt:
@@ -42,3 +42,6 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+test-gpu: setup
+	$(PY) -m pytest -q -m gpu

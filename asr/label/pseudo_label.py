@@ -352,6 +352,7 @@ def pseudo_label(teacher: str, data: str, out: Path, opts: PseudoLabelOptions | 
     if todo:
         if world == 1:
             results = [label_shard(jobs[0])]
+            torch.cuda.empty_cache()  # the teacher's GPU memory back before training starts its own processes
         else:
             # a process pool that raises (BrokenProcessPool) if a worker is killed, instead of waiting forever
             with ProcessPoolExecutor(world, mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -68,6 +68,9 @@ class Trainer:
         self.tracker = Tracker(self.run_dir, recipe_to_dict(r), r.tracking.project, r.tracking.mode,
                                r.tracking.wandb and self.dist.is_main, self.run_dir.name)
         self.bench = CheckpointBench(self.run_dir, r, self.dist, self.teacher, self.dtype)
+        if self.dist.is_main:
+            print(f"{self.dist.world} process(es) on {dist.get_backend()}, rank 0 on {self.dist.device}, "
+                  f"{str(self.dtype).removeprefix('torch.')}", flush=True)
 
     @property
     def teacher_cache(self) -> bool:
@@ -156,6 +159,7 @@ class Trainer:
                            "add data or use fewer processes")
         states = None
         if r.train.cache_encoder and self.shared_encoder:
+            student.model.encoder.to(self.dist.device)  # the engine moves the rest; states come back to the CPU
             states = cache_encoder_states(examples, student.model.encoder, cache_dir() / "encoder-states",
                                           show_progress=self.dist.is_main)
             for e in examples:
@@ -218,9 +222,12 @@ class Trainer:
         state = load_checkpoint(self.engine, ckpt, self.dist.world)
         if not self.bench.benched(state["step"]):  # saved at preemption: bench it now
             self.bench_checkpoint(ckpt, state["step"])
-        torch.set_rng_state(state["rng"][self.dist.rank]["torch"])
-        np.random.set_state(state["rng"][self.dist.rank]["numpy"])
-        random.setstate(state["rng"][self.dist.rank]["python"])
+        mine = state["rng"][self.dist.rank]
+        torch.set_rng_state(mine["torch"])
+        if mine.get("cuda") is not None and self.dist.device.type == "cuda":  # dropout on a GPU draws from its own
+            torch.cuda.set_rng_state(mine["cuda"], self.dist.device)
+        np.random.set_state(mine["numpy"])
+        random.setstate(mine["python"])
         if isinstance(self.batches, StreamingBatches):
             self.batches.restore(state["data"][self.dist.rank])
         if self.dist.is_main:
@@ -228,7 +235,8 @@ class Trainer:
         return state["step"], state["history"]
 
     def rng_states(self) -> list[dict]:
-        return self.dist.gather_objects({"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+        cuda = torch.cuda.get_rng_state(self.dist.device) if self.dist.device.type == "cuda" else None
+        return self.dist.gather_objects({"torch": torch.get_rng_state(), "cuda": cuda, "numpy": np.random.get_state(),
                                          "python": random.getstate()})
 
     def checkpoint(self, step: int, history: list[dict], bench: bool = True) -> None:
@@ -355,10 +363,12 @@ class Trainer:
         return history
 
     def finish(self, history: list[dict], skipped: int) -> None:
+        devices = self.dist.gather_objects(str(self.dist.device))  # where each rank ran: its own GPU, or the CPU
         if self.dist.is_main:
             summary = {"steps": len(history), "skipped_nonfinite_steps": skipped,
                        "skipped_samples_rank0": dict(self.stats.counts), "final_loss": history[-1] if history else None,
-                       "label_layout_rank0": self.layout_counts}
+                       "label_layout_rank0": self.layout_counts, "backend": dist.get_backend(), "devices": devices,
+                       "dtype": str(self.dtype).removeprefix("torch.")}
             (self.run_dir / "train-summary.json").write_text(json.dumps(summary, indent=2))
             self.bench.finalize(self.ckpt_root)
             self.tracker.log_artifact(self.run_dir / "bench", "bench")
