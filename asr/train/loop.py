@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from asr.config import Recipe, recipe_to_dict
 from asr.data.features import IGNORE_INDEX, LayoutPolicy, WhisperCollator
-from asr.data.loading import SkipStats
+from asr.data.loading import SkipStats, streaming_of
 from asr.errors import AsrError
 from asr.models.loading import load_processor, load_whisper, output_embedding, same_encoder
 from asr.models.registry import cache_dir
@@ -110,11 +110,11 @@ class Trainer:
         text_column = "pseudo_label" if r.data.labels == "pseudo" else None
         collator = WhisperCollator(student.generation_config.pad_token_id)
         self.layout_counts: dict[str, int] | None = None  # counted up front only; a stream's are not
-        if r.data.streaming:
+        if streaming_of(r):
             return StreamingBatches(r.data.train, self.processor, student.generation_config, collator,
                                     r.train.batch_size, r.train.seed, self.dist.rank, self.dist.world,
                                     r.data.max_label_tokens, r.data.fallback_language, self.stats, text_column,
-                                    r.data.train_limit, layout=self.layout())
+                                    r.data.train_limit, layout=self.layout(), num_workers=r.data.num_workers)
         return self.in_memory_batches(student, collator, text_column)
 
     def layout(self) -> LayoutPolicy:
@@ -129,7 +129,7 @@ class Trainer:
         if self.teacher is not None:
             self.teacher.to(self.dist.device, self.dtype)
         self.teacher_out = None
-        targets = None if r.data.streaming else self.batches.teacher_targets
+        targets = None if isinstance(self.batches, StreamingBatches) else self.batches.teacher_targets
         if targets and "states" in targets[0]:
             self.teacher_out = output_embedding(r.teacher).to(self.dist.device, self.dtype)
             check_compatible(student.config.vocab_size, self.teacher_out.shape[0], str(self.run_dir / "student"),
