@@ -25,6 +25,7 @@ from asr.data.features import Encoded, LayoutPolicy, WhisperCollator, log_mel
 from asr.data.loading import DatasetRef, Sample, SkipStats, iter_samples, open_dataset
 from asr.errors import AsrError
 from asr.train.data import encode_samples
+from asr.train.main import die_with_parent
 
 Decoded = tuple[int, Sample | None, tuple[str, str] | None]  # (row in the epoch, sample with features, skip)
 
@@ -93,6 +94,11 @@ def _as_is(item: Decoded) -> Decoded:
     return item
 
 
+def _start_worker(worker_id: int) -> None:
+    """A rank ends with os._exit, which skips the DataLoader's shutdown of its workers."""
+    die_with_parent()
+
+
 class StreamingBatches:
     """Collated batches in step order from a streamed, shuffled, per-rank view of the training sets."""
 
@@ -123,7 +129,7 @@ class StreamingBatches:
                            self.text_column)
         workers = self.num_workers
         # per worker, rows for about two batches ahead of the step
-        loader = DataLoader(rows, batch_size=None, collate_fn=_as_is, num_workers=workers,
+        loader = DataLoader(rows, batch_size=None, collate_fn=_as_is, num_workers=workers, worker_init_fn=_start_worker,
                             prefetch_factor=-(-2 * self.batch_size // workers) if workers else None)
         for index, sample, skip in loader:
             if skip is not None:
