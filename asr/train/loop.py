@@ -60,6 +60,7 @@ class Trainer:
         self.stats = SkipStats()
         self.batches = self.load_data(student)
         self.place_teacher(student)
+        self.cache_encoder(student)
         self.engine = build_engine(student, self.recipe.train, self.recipe.optim)
         self.train_mode()
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -154,12 +155,6 @@ class Trainer:
         if self.dist.all_reduce([len(examples)], op=dist.ReduceOp.MIN).item() == 0:
             raise AsrError(f"a rank got no usable training samples from {r.data.train} ({self.stats.summary()}); "
                            "add data or use fewer processes")
-        states = None
-        if r.train.cache_encoder and self.shared_encoder:
-            states = cache_encoder_states(examples, student.model.encoder, cache_dir() / "encoder-states",
-                                          show_progress=self.dist.is_main)
-            for e in examples:
-                e.input_features = e.input_features[:, :0]  # features are no longer needed: free the memory
         targets = None
         if self.teacher_cache:
             targets = load_teacher_targets(examples, r.data.train, r.teacher, r.objective.temperature,
@@ -168,7 +163,22 @@ class Trainer:
                 what = ("final decoder states (exact)" if "states" in targets[0]
                         else f"top-K (k={targets[0]['ids'].shape[1]})")
                 print(f"KD from the cached teacher {what} in {', '.join(r.data.train)}; teacher not loaded", flush=True)
-        return TrainBatches(examples, collator, r.train.batch_size, r.train.seed, self.dist.rank, states, targets)
+        return TrainBatches(examples, collator, r.train.batch_size, r.train.seed, self.dist.rank,
+                            teacher_targets=targets)
+
+    def cache_encoder(self, student) -> None:
+        """With a frozen encoder shared by both models and the data in memory, its states of every clip, computed
+        once where the run computes: the encoder moves to the run's device and dtype first (the engine moves the
+        rest), so the cached states are those the step would compute, at the device's speed."""
+        r = self.recipe
+        if not (isinstance(self.batches, TrainBatches) and r.train.cache_encoder and self.shared_encoder):
+            return
+        encoder = student.model.encoder.to(self.dist.device, self.dtype)
+        self.batches.encoder_states = cache_encoder_states(self.batches.examples, encoder,
+                                                           cache_dir() / "encoder-states",
+                                                           show_progress=self.dist.is_main)
+        for e in self.batches.examples:
+            e.input_features = e.input_features[:, :0]  # features are no longer needed: free the memory
 
     # --- one step --------------------------------------------------------------------------------------
     def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
