@@ -179,7 +179,8 @@ def _submit(args: argparse.Namespace) -> None:
     from asr.recipes import recipe_path
 
     resources = Resources(nodes=args.nodes, gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_node,
-                          partition=args.partition, time=args.time, account=args.account)
+                          cpus_per_rank=args.cpus_per_rank, partition=args.partition, time=args.time,
+                          account=args.account)
     plan = render(plan_submission(recipe_path(args.recipe), args.overrides, args.sweep,
                                   Path(args.run_dir) if args.run_dir else None, resources))
     print(dry_run(plan, args.gpu_mem, args.hours) if args.dry_run else summary(plan, submit(plan)))
@@ -325,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--nodes", type=int, default=1, help="nodes for training (one torchrun per node)")
     submit.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one rank per GPU")
     submit.add_argument("--procs-per-node", type=int, help="ranks per node (default: GPUs, else train.nproc)")
+    submit.add_argument("--cpus-per-rank", type=int, help="CPU cores per rank (default: train.threads_per_proc or 1, "
+                        "plus data.num_workers when the data streams)")
     submit.add_argument("--partition")
     submit.add_argument("--time", help="time limit of each job, e.g. 1-00:00:00")
     submit.add_argument("--account")

@@ -90,7 +90,10 @@ class DataConfig:
     # both); unset: distil-whisper's 0.2 where a clip's sentences are timed (`asr data synth` writes them), else 0
     timestamp_probability: float | None = None
     condition_on_prev_probability: float | None = None
-    streaming: bool = False  # train reading the data as it goes (hub scale); checkpoints keep the position
+    # train reading the data as it goes, checkpoints keeping the position; unset: when a training set is on the hub
+    streaming: bool | None = None
+    # streaming: processes per rank that decode audio and compute log-mels ahead of the step (0: in the step)
+    num_workers: int = 2
     labels: Literal["gold", "pseudo"] = "gold"  # pseudo: train on the `pseudo_label` column (`asr pseudo-label`)
     pseudo_label: PseudoLabelConfig | None = None  # set: pseudo-label data.train first (implies labels: pseudo)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from asr.config import Recipe, SynthConfig, changed_keys, load_recipe, recipe_to_dict
+from asr.data.loading import streaming_of
 from asr.errors import AsrError
 from asr.models.registry import cache_dir
 
@@ -103,6 +104,8 @@ def check_recipe(recipe: Recipe) -> None:
     if data.streaming and cache:
         raise AsrError("objective.teacher_cache reads every clip's teacher targets into memory; use "
                        "data.streaming=false with it, or the live teacher (objective.teacher_cache=false)")
+    if data.num_workers < 0:
+        raise AsrError(f"data.num_workers must be 0 (load in the training process) or more, got {data.num_workers}")
     from asr.data.real import real_source, refuse_for_training
 
     for language in data.real_eval:
@@ -132,8 +135,9 @@ def check_recipe(recipe: Recipe) -> None:
 
 
 def resolve_data(recipe: Recipe) -> Recipe:
-    """Replace synthetic data specs by the directories they build, and training sets by their pseudo-labelled
-    folders when the recipe asks for pseudo-labels, so the run directory names the real paths it trains on."""
+    """Replace synthetic data specs by the directories they build, training sets by their pseudo-labelled
+    folders when the recipe asks for pseudo-labels, and an unset data.streaming by what the named training sets
+    imply, so the run directory names the real paths it trains on and how it reads them."""
     check_recipe(recipe)
     data = recipe.data
     train = data.train + ([synth_dataset(data.synth_train)] if data.synth_train else [])
@@ -146,6 +150,7 @@ def resolve_data(recipe: Recipe) -> Recipe:
         train, labels = [pseudo_labelled(recipe, t) for t in train], "pseudo"
     return dataclasses.replace(recipe, data=dataclasses.replace(
         data, train=train, eval=evals, dev=data.dev + _synth_per_language(data.synth_dev), labels=labels,
+        streaming=streaming_of(recipe),
         synth_train=None, synth_eval=None, synth_dev=None, real_eval=[], pseudo_label=None, long_eval=long))
 
 

@@ -176,3 +176,23 @@ def test_a_multilingual_teacher_refuses_data_that_does_not_say_its_language(tmp_
         assert ok.returncode == 0, ok.stderr
     english_only = asr("validate", *base, f"teacher={micro_teacher}", f"data.train=[{bare}]")
     assert english_only.returncode == 0, english_only.stderr
+
+
+@pytest.mark.parametrize("train, overrides, streams", [
+    ("someone/tinyspeech@train", [], True),  # hub data: every clip's log-mel per rank would not fit in memory
+    ("someone/tinyspeech@train", ["data.streaming=false"], False),  # the recipe's word wins
+    ("someone/tinyspeech@train", ["data.labels=pseudo", "objective.teacher_cache=states"], False),  # needs memory
+    ("LOCAL", [], False),  # a local audiofolder is encoded up front
+    ("LOCAL", ["data.streaming=true"], True),
+])
+def test_hub_training_sets_stream_unless_the_recipe_says_otherwise(tmp_path, speech_folder, train, overrides,
+                                                                   streams):
+    from asr.data.loading import streaming_of
+    from asr.pipeline import resolve_data
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"data": {"train": [str(speech_folder) if train == "LOCAL" else train],
+                                             "eval": [str(speech_folder)]}}))
+    recipe = load_recipe(path, overrides)
+    assert streaming_of(recipe) is streams
+    assert resolve_data(recipe).data.streaming is streams  # the run directory's recipe says it

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from asr.errors import AsrError
 from asr.slurm.render import Resources, plan_submission, render, set_directives, split_values, sweep_points
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,21 +56,20 @@ def test_sweep_values_and_directives():
 def test_dry_run_prints_scripts_writes_nothing_and_needs_no_slurm(tmp_path, micro_teacher, speech_folder):
     recipe = write_recipe(tmp_path / "r.yaml", str(micro_teacher), speech_folder)
     env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # no sbatch on this PATH
-    proc = asr("submit", str(recipe), "train.max_steps=7", "--nodes", "2", "--gpus-per-node", "4", "--partition",
-               "gpu", "--time", "2:00:00", "--account", "speech", "--run-dir", "run", "--dry-run",
+    proc = asr("submit", str(recipe), "train.max_steps=7", "--nodes", "2", "--gpus-per-node", "4", "--cpus-per-rank",
+               "3", "--partition", "gpu", "--time", "2:00:00", "--account", "speech", "--run-dir", "run", "--dry-run",
                cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     run = tmp_path / "run"
     assert not run.exists()
-    for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=4", "#SBATCH --partition=gpu",
-                 "#SBATCH --time=2:00:00", "#SBATCH --account=speech", "#SBATCH --signal=B:USR1@300",
+    for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=4", "#SBATCH --cpus-per-task=12",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=2:00:00", "#SBATCH --account=speech", "#SBATCH --signal=B:USR1@300",
                  "#SBATCH --requeue", f"#SBATCH --output={run}/logs/train-%j.log",
                  f"#SBATCH --export=ALL,ASR_ENV={run}/slurm/job.env", "PROCS_PER_NODE=4",
                  f"RUN_DIR={run}", "OVERRIDES=train.max_steps=7",
                  "--rdzv-backend=c10d", "--dependency=afterok:<prepare job id>", "--kill-on-invalid-dep=yes"):
         assert line in out, line
-    assert "#SBATCH --cpus-per-task" not in out  # GPU nodes: the cluster's default CPUs per task
     plan = out[out.index("# ===== resource plan (asr plan) =====\n"):]  # after the scripts
     assert "slurm-test on 2 node(s) x 4 GPU(s) = 8 ranks, 80 GiB each: ZeRO-2" in plan and ": fits" in plan
 
@@ -98,6 +98,26 @@ def test_plan_defaults_to_recipe_nproc(tmp_path, micro_teacher, speech_folder):
     plan = render(plan_submission(recipe, [], [], tmp_path / "run", Resources(nodes=2)))
     assert plan.procs_per_node == 3 and "#SBATCH --cpus-per-task=3" in plan.files["train.sbatch"]
     assert plan_submission(recipe, [], [], None, Resources(gpus_per_node=8)).procs_per_node == 8
+
+
+def test_train_job_asks_for_the_cores_of_its_ranks_and_their_loading_workers(tmp_path, micro_teacher,
+                                                                             speech_folder):
+    """One task per node runs all its ranks: --cpus-per-task = ranks x (threads + data.num_workers when the data
+    streams), for GPU jobs too (Slurm's default, often one core, would feed 8 GPUs)."""
+    recipe = write_recipe(tmp_path / "r.yaml", str(micro_teacher), speech_folder)  # train.threads_per_proc: 1
+
+    def train_script(overrides: list[str], **resources) -> str:
+        plan = render(plan_submission(recipe, overrides, [], tmp_path / "run", Resources(**resources)))
+        assert "--cpus-per-task" not in plan.files["prepare.sbatch"] + plan.files["bench.sbatch"]
+        return plan.files["train.sbatch"]
+
+    streamed = train_script(["data.streaming=true", "data.num_workers=3"], nodes=2, gpus_per_node=8)
+    assert "#SBATCH --cpus-per-task=32" in streamed and "#SBATCH --gpus-per-node=8" in streamed
+    assert "#SBATCH --cpus-per-task=4" in train_script([], gpus_per_node=4)  # in memory: no loading workers
+    assert "#SBATCH --cpus-per-task=6" in train_script(["data.streaming=true", "data.num_workers=0"], gpus_per_node=6)
+    assert "#SBATCH --cpus-per-task=20" in train_script([], gpus_per_node=4, cpus_per_rank=5)
+    with pytest.raises(AsrError, match="--cpus-per-rank must be at least 1"):
+        plan_submission(recipe, [], [], tmp_path / "run", Resources(cpus_per_rank=0))
 
 
 # --- on a local Slurm cluster ----------------------------------------------------------------------------------

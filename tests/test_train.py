@@ -144,6 +144,45 @@ def test_bf16_saves_the_fp32_master_weights_and_the_frozen_encoder_unrounded(tmp
     assert not torch.equal(w, w.bfloat16().float())  # not rounded to bf16 on the way out
 
 
+CACHED_STATES_SCRIPT = """
+import os, sys
+from pathlib import Path
+import torch
+from asr.config import load_recipe
+from asr.data.features import log_mel
+from asr.data.loading import DatasetRef, SkipStats, iter_samples, open_dataset
+from asr.train.loop import Trainer
+
+run, data = Path(sys.argv[1]), sys.argv[2]
+trainer = Trainer(run, load_recipe(run / "recipe.yaml"))
+encoder = trainer.engine.module.model.encoder
+audio = {s.id: s.audio for s in iter_samples(open_dataset(DatasetRef.parse(data)), SkipStats())}
+features = log_mel(trainer.processor.feature_extractor, [audio[e.id] for e in trainer.batches.examples])
+weight = next(encoder.parameters())
+with torch.inference_mode():
+    step = encoder(features.to(weight.device, weight.dtype)).last_hidden_state.to("cpu", torch.float16)
+print(weight.dtype, tuple(trainer.batches.encoder_states.shape), torch.equal(trainer.batches.encoder_states, step))
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+def test_cached_encoder_states_are_those_of_the_encoder_the_run_trains_with(tmp_path, speech_folder, micro_teacher):
+    """The encoder-state cache is computed after the encoder moved to the run's device and dtype: under bf16 the
+    cached states are exactly the engine's bf16 encoder's on the clips (they were the fp32 CPU encoder's)."""
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", str(micro_teacher), speech_folder, train={"bf16": True, "nproc": 1},
+                          tracking={"wandb": False})
+    prepare = subprocess.run([sys.executable, "-m", "asr", "run", str(recipe), "--run-dir", str(run), "--stage",
+                              "prepare"], capture_output=True, text=True, timeout=300)
+    assert prepare.returncode == 0, prepare.stderr[-3000:]
+    proc = subprocess.run([sys.executable, "-c", CACHED_STATES_SCRIPT, str(run), str(speech_folder)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "ASR_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == "torch.bfloat16 (6, 1500, 64) True"
+
+
 def test_continued_pretraining_with_unfrozen_encoder(tmp_path, speech_folder, micro_teacher):
     """CE only (no teacher in the loop), encoder trained too, linear warm-up/decay schedule."""
     run = tmp_path / "ce"

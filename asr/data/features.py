@@ -101,7 +101,10 @@ def encode_sample(sample: Sample, processor, generation_config, max_label_tokens
                                              sample.segments if timestamped else None, previous)
     if len(decoder_input_ids) + 1 > max_label_tokens:
         return None
-    return Encoded(id=sample.id, input_features=log_mel(processor.feature_extractor, sample.audio)[0].numpy(),
+    features = sample.features
+    if features is None:
+        features = log_mel(processor.feature_extractor, sample.audio)[0].numpy()
+    return Encoded(id=sample.id, input_features=features,
                    decoder_input_ids=decoder_input_ids, labels=labels, text=sample.text, language=sample.language,
                    timestamped=timestamped, prompted=previous is not None)
 

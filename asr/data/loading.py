@@ -15,6 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
+from asr.config import Recipe
 from asr.errors import AsrError
 
 SAMPLE_RATE = 16000
@@ -34,6 +35,7 @@ class Sample:
     language: str
     path: str | None = None  # the audio file it was decoded from (None for in-memory bytes)
     segments: list[tuple[float, float, str]] | None = None  # timed sentences, when the dataset knows them
+    features: np.ndarray | None = None  # its log-mel, when computed ahead by a loading worker (audio dropped)
 
 
 @dataclass
@@ -84,6 +86,20 @@ class DatasetRef:
     @property
     def label(self) -> str:
         return Path(self.name).name if Path(self.name).exists() else self.name
+
+    @property
+    def is_local(self) -> bool:
+        """A directory (or a path meant as one, which check_dataset refuses when missing), not a hub id."""
+        return Path(self.name).expanduser().exists() or self.name.startswith(("/", ".", "~"))
+
+
+def streaming_of(recipe: Recipe) -> bool:
+    """data.streaming, or when unset: stream when a training set is a hub dataset, whose every clip's log-mel held
+    per rank would not fit (~25 GB for Common Voice English), unless cached teacher targets need the clips in
+    memory; local audiofolders are encoded up front, which is what makes small runs fast."""
+    if recipe.data.streaming is not None:
+        return recipe.data.streaming
+    return not recipe.objective.teacher_cache and any(not DatasetRef.parse(ref).is_local for ref in recipe.data.train)
 
 
 def check_metadata_encoding(folder: Path) -> None:

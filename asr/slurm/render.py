@@ -14,7 +14,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from asr.config import load_recipe
+from asr.config import Recipe, load_recipe
+from asr.data.loading import streaming_of
 from asr.errors import AsrError
 
 SCRIPTS_DIR = Path(__file__).resolve().parents[2] / "slurm"
@@ -23,11 +24,13 @@ STAGES = ("prepare", "train", "bench")
 
 @dataclass
 class Resources:
-    """What the jobs ask Slurm for. procs_per_node=None: GPUs per node, else the recipe's train.nproc."""
+    """What the jobs ask Slurm for. procs_per_node=None: GPUs per node, else the recipe's train.nproc;
+    cpus_per_rank=None: what the recipe's ranks use (cpus_per_rank)."""
 
     nodes: int = 1
     gpus_per_node: int = 0
     procs_per_node: int | None = None
+    cpus_per_rank: int | None = None
     partition: str | None = None
     time: str | None = None
     account: str | None = None
@@ -44,6 +47,7 @@ class Plan:
     sweep_overrides: list[list[str]]  # per run; empty lists for a plain run
     resources: Resources
     procs_per_node: int
+    cpus_per_rank: int
     name: str
     files: dict[str, str] = field(default_factory=dict)  # file name in ROOT/slurm -> text, filled by render()
 
@@ -99,8 +103,10 @@ def plan_submission(recipe: Path, overrides: list[str], sweeps: list[str], run_d
         if any(c.isspace() for c in item):
             raise AsrError(f"'{item}': the batch scripts split overrides at spaces; write it without them "
                            "(e.g. prune.keep=[0,3])")
-    if resources.nodes < 1 or resources.gpus_per_node < 0 or (resources.procs_per_node or 1) < 1:
-        raise AsrError("--nodes and --procs-per-node must be at least 1 and --gpus-per-node at least 0")
+    if resources.nodes < 1 or resources.gpus_per_node < 0 or any(
+            n is not None and n < 1 for n in (resources.procs_per_node, resources.cpus_per_rank)):
+        raise AsrError("--nodes, --procs-per-node and --cpus-per-rank must be at least 1 and --gpus-per-node at "
+                       "least 0")
     points = sweep_points(sweeps)
     recipes = [load_recipe(recipe, overrides + point) for point in points]
     names = [run_name(point) for point in points]
@@ -112,8 +118,15 @@ def plan_submission(recipe: Path, overrides: list[str], sweeps: list[str], run_d
         raise AsrError(f"{root}: Slurm's --export cannot pass a path with a comma; choose another --run-dir")
     runs = [root / n for n in names] if sweeps else [root]
     procs = resources.procs_per_node or resources.gpus_per_node or recipes[0].train.nproc
+    cpus = resources.cpus_per_rank or max(cpus_per_rank(r) for r in recipes)
     return Plan(recipe=recipe.resolve(), overrides=list(overrides), root=root, runs=runs, sweep_overrides=points,
-                resources=resources, procs_per_node=procs, name=name)
+                resources=resources, procs_per_node=procs, cpus_per_rank=cpus, name=name)
+
+
+def cpus_per_rank(recipe: Recipe) -> int:
+    """CPU cores one rank keeps busy: its own threads (train.threads_per_proc, else one: a GPU rank mostly
+    launches kernels) and, when the data streams, one per loading worker (data.num_workers)."""
+    return (recipe.train.threads_per_proc or 1) + (recipe.data.num_workers if streaming_of(recipe) else 0)
 
 
 def set_directives(script: str, directives: dict[str, str | None]) -> str:
@@ -144,11 +157,11 @@ def directives(plan: Plan, stage: str) -> dict[str, str | None]:
     d: dict[str, str | None] = {"job-name": f"{plan.name}-{stage}", "output": str(plan.log(stage)),
                                 "export": f"ALL,ASR_ENV={plan.slurm_dir / 'job.env'}"}
     if stage == "train":
-        d.update({"nodes": str(r.nodes), "ntasks-per-node": "1"})
+        # one task per node runs all its ranks: without cpus-per-task they share the cluster's default (often 1)
+        d.update({"nodes": str(r.nodes), "ntasks-per-node": "1",
+                  "cpus-per-task": str(plan.procs_per_node * plan.cpus_per_rank)})
         if r.gpus_per_node:
             d["gpus-per-node"] = str(r.gpus_per_node)
-        else:
-            d["cpus-per-task"] = str(plan.procs_per_node)  # a core per rank, or they all share one
     for key in ("partition", "time", "account"):
         if getattr(r, key):
             d[key] = getattr(r, key)

@@ -143,7 +143,8 @@ def load_teacher_targets(examples: Sequence[Encoded], datasets: Sequence[str], t
 
 
 def _cache_key(examples: Sequence[Encoded], encoder) -> str:
-    h = hashlib.sha256(weights_fingerprint(encoder).encode())
+    weight = next(encoder.parameters())
+    h = hashlib.sha256(f"{weights_fingerprint(encoder)} {weight.device.type} {weight.dtype}".encode())
     for e in examples:
         h.update(e.id.encode())
         h.update(e.input_features[:, :50].tobytes())
@@ -153,19 +154,20 @@ def _cache_key(examples: Sequence[Encoded], encoder) -> str:
 @torch.inference_mode()
 def cache_encoder_states(examples: Sequence[Encoded], encoder, cache_root: Path, batch_size: int = 8,
                          show_progress: bool = True) -> torch.Tensor:
-    """Encoder states of every example, computed once on the encoder's device and kept on disk (fp16), keyed on
-    the clips and the encoder weights, so every run over the same data and teacher (and every resume) reuses them."""
+    """Encoder states of every example, computed on the encoder's device and in its dtype once and kept on disk
+    (fp16), keyed on the clips, the encoder weights, device type and dtype, so every run over the same data and
+    teacher (and every resume) reuses them."""
     from safetensors.torch import load_file, save_file
 
     cache_file = cache_root / f"{_cache_key(examples, encoder)}.safetensors"
     if cache_file.is_file():
         return load_file(cache_file)["states"]
-    param = next(encoder.parameters())
+    weight = next(encoder.parameters())
     chunks = []
     for start in tqdm(range(0, len(examples), batch_size), desc="caching encoder states", unit="batch",
                       disable=not show_progress):
         feats = torch.from_numpy(np.stack([e.input_features for e in examples[start:start + batch_size]]))
-        chunks.append(encoder(feats.to(param.device, param.dtype)).last_hidden_state.to(torch.float16).cpu())
+        chunks.append(encoder(feats.to(weight.device, weight.dtype)).last_hidden_state.to("cpu", torch.float16))
     states = torch.cat(chunks)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_suffix(".tmp")

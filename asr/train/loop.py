@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from asr.config import Recipe, recipe_to_dict
 from asr.data.features import IGNORE_INDEX, LayoutPolicy, WhisperCollator
-from asr.data.loading import SkipStats
+from asr.data.loading import SkipStats, streaming_of
 from asr.errors import AsrError
 from asr.models.loading import load_processor, load_whisper, output_embedding, same_encoder
 from asr.models.registry import cache_dir
@@ -60,6 +60,7 @@ class Trainer:
         self.stats = SkipStats()
         self.batches = self.load_data(student)
         self.place_teacher(student)
+        self.cache_encoder(student)
         self.engine = build_engine(student, self.recipe.train, self.recipe.optim)
         self.train_mode()
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -113,11 +114,11 @@ class Trainer:
         text_column = "pseudo_label" if r.data.labels == "pseudo" else None
         collator = WhisperCollator(student.generation_config.pad_token_id)
         self.layout_counts: dict[str, int] | None = None  # counted up front only; a stream's are not
-        if r.data.streaming:
+        if streaming_of(r):
             return StreamingBatches(r.data.train, self.processor, student.generation_config, collator,
                                     r.train.batch_size, r.train.seed, self.dist.rank, self.dist.world,
                                     r.data.max_label_tokens, r.data.fallback_language, self.stats, text_column,
-                                    r.data.train_limit, layout=self.layout())
+                                    r.data.train_limit, layout=self.layout(), num_workers=r.data.num_workers)
         return self.in_memory_batches(student, collator, text_column)
 
     def layout(self) -> LayoutPolicy:
@@ -132,7 +133,7 @@ class Trainer:
         if self.teacher is not None:
             self.teacher.to(self.dist.device, self.dtype)
         self.teacher_out = None
-        targets = None if r.data.streaming else self.batches.teacher_targets
+        targets = None if isinstance(self.batches, StreamingBatches) else self.batches.teacher_targets
         if targets and "states" in targets[0]:
             self.teacher_out = output_embedding(r.teacher).to(self.dist.device, self.dtype)
             check_compatible(student.config.vocab_size, self.teacher_out.shape[0], str(self.run_dir / "student"),
@@ -157,13 +158,6 @@ class Trainer:
         if self.dist.all_reduce([len(examples)], op=dist.ReduceOp.MIN).item() == 0:
             raise AsrError(f"a rank got no usable training samples from {r.data.train} ({self.stats.summary()}); "
                            "add data or use fewer processes")
-        states = None
-        if r.train.cache_encoder and self.shared_encoder:
-            student.model.encoder.to(self.dist.device)  # the engine moves the rest; states come back to the CPU
-            states = cache_encoder_states(examples, student.model.encoder, cache_dir() / "encoder-states",
-                                          show_progress=self.dist.is_main)
-            for e in examples:
-                e.input_features = e.input_features[:, :0]  # features are no longer needed: free the memory
         targets = None
         if self.teacher_cache:
             targets = load_teacher_targets(examples, r.data.train, r.teacher, r.objective.temperature,
@@ -172,7 +166,22 @@ class Trainer:
                 what = ("final decoder states (exact)" if "states" in targets[0]
                         else f"top-K (k={targets[0]['ids'].shape[1]})")
                 print(f"KD from the cached teacher {what} in {', '.join(r.data.train)}; teacher not loaded", flush=True)
-        return TrainBatches(examples, collator, r.train.batch_size, r.train.seed, self.dist.rank, states, targets)
+        return TrainBatches(examples, collator, r.train.batch_size, r.train.seed, self.dist.rank,
+                            teacher_targets=targets)
+
+    def cache_encoder(self, student) -> None:
+        """With a frozen encoder shared by both models and the data in memory, its states of every clip, computed
+        once where the run computes: the encoder moves to the run's device and dtype first (the engine moves the
+        rest), so the cached states are those the step would compute, at the device's speed."""
+        r = self.recipe
+        if not (isinstance(self.batches, TrainBatches) and r.train.cache_encoder and self.shared_encoder):
+            return
+        encoder = student.model.encoder.to(self.dist.device, self.dtype)
+        self.batches.encoder_states = cache_encoder_states(self.batches.examples, encoder,
+                                                           cache_dir() / "encoder-states",
+                                                           show_progress=self.dist.is_main)
+        for e in self.batches.examples:
+            e.input_features = e.input_features[:, :0]  # features are no longer needed: free the memory
 
     # --- one step --------------------------------------------------------------------------------------
     def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -12,14 +12,15 @@ from asr.errors import AsrError
 ERROR = "ERROR"  # the first rank error of the last attempt, for `asr run` to report
 
 
-def die_with_launcher() -> None:
-    """Ranks must not outlive a killed torchrun (they would race a re-run in the same run directory)."""
+def die_with_parent() -> None:
+    """A process killed with its parent: ranks must not outlive a killed torchrun (they would race a re-run in the
+    same run directory), nor loading workers their rank (they hold its output pipes open after it exits)."""
     if sys.platform.startswith("linux"):
         import ctypes
         import signal
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the launcher died before prctl took effect
+        if os.getppid() == 1:  # the parent died before prctl took effect
             os._exit(1)
 
 
@@ -28,7 +29,7 @@ def main() -> None:
     parser.add_argument("run_dir")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     args = parser.parse_args()
-    die_with_launcher()
+    die_with_parent()
     from asr.config import load_recipe
     from asr.train.loop import Trainer
 

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from asr.config import Recipe, apply_overrides, build, recipe_to_dict
+from asr.data.loading import streaming_of
 from asr.errors import AsrError
 from asr.models.architecture import meta_whisper, whisper_config
 from asr.models.prune import check_keep, count_parameters, student_config
@@ -126,7 +127,7 @@ def model_state_bytes(params: ParamCounts, stage: int, bf16: bool, alloc: Alloca
 def encoder_in_step(recipe: Recipe) -> bool:
     """The encoder runs in every step (its states are cached only when frozen, shared, and the data in memory)."""
     t = recipe.train
-    return not (t.freeze_encoder and t.cache_encoder and t.share_encoder and not recipe.data.streaming)
+    return not (t.freeze_encoder and t.cache_encoder and t.share_encoder and not streaming_of(recipe))
 
 
 def activation_bytes(recipe: Recipe, config) -> dict[str, int]:
@@ -215,7 +216,7 @@ def changes_to_fit(recipe: Recipe, config, params: ParamCounts, alloc: Allocatio
     t, o = recipe.train, recipe.objective
     stages = [[f"train.zero_stage={s}"] for s in range(t.zero_stage + 1, 4)]
     others = [] if bf16_of(recipe) else [["train.bf16=true"]]
-    if o.method == "kd" and not o.teacher_cache and not recipe.data.streaming:
+    if o.method == "kd" and not o.teacher_cache and recipe.data.streaming is not True:  # unset: yields to the cache
         others.append(["data.pseudo_label.teacher_states=true", "objective.teacher_cache=states"])
     found = [change_with(recipe, config, alloc, overrides) for overrides in stages + others]
     found += [c for c in (smaller_batch(recipe, config, alloc, []), more_nodes(recipe, config, params, alloc)) if c]
