@@ -58,7 +58,8 @@ def _pseudo_label(args: argparse.Namespace) -> None:
 
     opts = PseudoLabelOptions(wer_threshold=args.wer_threshold, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
                               language=args.language, nproc=args.nproc, batch_size=args.batch_size, limit=args.limit,
-                              temperature=args.temperature, teacher_states=args.teacher_states)
+                              temperature=args.temperature, teacher_states=args.teacher_states,
+                              timestamps=args.timestamps)
     print(summary_line(pseudo_label(args.teacher, args.data, Path(args.out), opts)))
 
 
@@ -227,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="of the stored top-K log-probs; must equal the distilling recipe's objective.temperature")
     pseudo.add_argument("--teacher-states", action="store_true",
                         help="also store the teacher's final decoder states (2 bytes x d_model per token): exact KD")
+    pseudo.add_argument("--timestamps", action="store_true",
+                        help="decode with timestamps; store the segments (and timestamped teacher targets) too")
     pseudo.add_argument("--nproc", type=int, default=1, help="local processes, each labelling a stride of the rows")
     pseudo.add_argument("--batch-size", type=int, default=8)
     pseudo.add_argument("--limit", type=int, help="only the first N rows")

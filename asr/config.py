@@ -62,6 +62,7 @@ class PseudoLabelConfig:
     wer_threshold: float = 10.0  # percent: drop clips whose teacher transcript is further from the reference
     top_k: int | None = None  # also store the teacher's top-K log-probs, for objective.teacher_cache (approximate)
     teacher_states: bool = False  # also store its final decoder states, for objective.teacher_cache (exact)
+    timestamps: bool = False  # label with timestamps too (teaches them, the long-form algorithm needs them)
     max_new_tokens: int = 224
     batch_size: int = 8
 

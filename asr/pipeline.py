@@ -65,7 +65,7 @@ def pseudo_labelled(recipe: Recipe, data: str) -> str:
     opts = PseudoLabelOptions(wer_threshold=spec.wer_threshold, top_k=spec.top_k, max_new_tokens=spec.max_new_tokens,
                               language=d.fallback_language, nproc=recipe.train.nproc, batch_size=spec.batch_size,
                               limit=d.train_limit, temperature=recipe.objective.temperature,
-                              teacher_states=spec.teacher_states)
+                              teacher_states=spec.teacher_states, timestamps=spec.timestamps)
     print(summary_line(pseudo_label(recipe.teacher, data, out, opts)), flush=True)
     return str(out)
 
@@ -79,9 +79,15 @@ def check_recipe(recipe: Recipe) -> None:
         value = getattr(data, key)
         if value is not None and not 0.0 <= value <= 1.0:
             raise AsrError(f"data.{key} must be between 0 and 1, got {value}")
-        if value and cache:
-            raise AsrError(f"data.{key}={value} changes what the teacher reads, but objective.teacher_cache replays "
-                           f"targets computed without it; set data.{key}=0 or objective.teacher_cache=false")
+    prompts = data.condition_on_prev_probability
+    if prompts and cache:
+        raise AsrError(f"data.condition_on_prev_probability={prompts} changes what the teacher reads, but "
+                       "objective.teacher_cache replays targets computed without a prompt; set it to 0 or "
+                       "objective.teacher_cache=false")
+    if data.timestamp_probability and cache and data.pseudo_label and not data.pseudo_label.timestamps:
+        raise AsrError(f"data.timestamp_probability={data.timestamp_probability} with objective.teacher_cache needs "
+                       "the teacher's targets on timestamped labels: set data.pseudo_label.timestamps=true, or "
+                       "objective.teacher_cache=false")
     for key, spec in (("synth_train", data.synth_train), ("synth_eval", data.synth_eval), ("synth_dev", data.synth_dev)):
         if spec is not None and not (len(spec.sentences) == 2 and 1 <= spec.sentences[0] <= spec.sentences[1]):
             raise AsrError(f"data.{key}.sentences must be [low, high] with 1 <= low <= high, e.g. [1, 4]; "

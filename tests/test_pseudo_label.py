@@ -113,7 +113,9 @@ def test_filters_drop_by_reason_and_the_folder_is_a_dataset(labelled, source):
     assert sorted(p.name for p in out.glob("*.wav")) == kept
     assert all(os.path.samefile(out / n, source / n) for n in kept)
     rows = list(csv.DictReader(open(out / "metadata.csv", encoding="utf-8")))
-    assert list(rows[0]) == ["file_name", "transcription", "pseudo_label", "pseudo_wer", "language"]
+    assert list(rows[0]) == ["file_name", "transcription", "pseudo_label", "pseudo_label_segments", "pseudo_wer",
+                             "language"]
+    assert all(r["pseudo_label_segments"] == "" for r in rows)  # labelled without --timestamps
     assert [r["file_name"] for r in rows] == kept
     ds = open_dataset(DatasetRef.parse(str(out)))
     pseudo = {s.id: s.text for s in iter_samples(ds, SkipStats(), text_column="pseudo_label")}
@@ -194,6 +196,61 @@ def test_training_prefers_the_exact_states_and_checks_the_topk_temperature(label
     with pytest.raises(AsrError, match=r"its targets came from teacher whisper-tiny.en but the recipe's teacher is "
                                        r"whisper-base; set teacher: whisper-tiny.en"):
         load_teacher_targets([example], [str(out)], "whisper-base", temperature=2.0)
+
+
+@pytest.fixture(scope="module")
+def timestamped(source, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pl-ts") / "out"
+    _cli("pseudo-label", "--teacher", TEACHER, "--data", str(source), "--out", str(out), "--wer-threshold", "50",
+         "--teacher-states", "--timestamps", "--batch-size", "4")
+    return out
+
+
+def test_timestamped_labels_are_the_segments_and_their_targets_line_up(timestamped, labelled, source):
+    """--timestamps: one decode with timestamps gives the pseudo-label (its segments' text) and their times, which
+    the loader hands to training; the teacher's states are stored for the timestamped layout too, and are its
+    teacher-forced states on that layout (what a KD step that draws it needs)."""
+    from asr.data.features import Encoded, TIME_STEP_S
+    from asr.errors import AsrError
+    from asr.infer.wer import normalize
+    from asr.models.loading import load_processor, load_whisper, output_embedding
+    from asr.train.data import load_teacher_targets
+
+    summary = json.loads((timestamped / "summary.json").read_text())
+    assert summary["kept"] == 3 and summary["timestamped"] == 3 and summary["timestamps"] is True
+    records = {r["file_name"]: r for r in _progress(timestamped) if r["kept"]}
+    plain = {r["file_name"]: r["pseudo_label"] for r in _progress(labelled["out"]) if r["kept"]}
+    samples = {s.id: s for s in iter_samples(open_dataset(DatasetRef.parse(str(timestamped))), SkipStats(),
+                                             text_column="pseudo_label")}
+    for name, record in records.items():
+        segments = json.loads(record["pseudo_label_segments"])
+        duration = sf.info(source / name).duration
+        edges = [x for start, end, _ in segments for x in (start, end)]
+        assert edges == sorted(edges) and edges[-1] <= duration + 0.5 and edges[-1] - edges[0] > 0.5
+        assert all(round(x / TIME_STEP_S, 6) == round(x / TIME_STEP_S) for x in edges)  # on Whisper's 20 ms grid
+        assert " ".join(text for _, _, text in segments) == record["pseudo_label"]
+        assert normalize(record["pseudo_label"], "en") == normalize(plain[name], "en")  # same words as without
+        assert samples[name].segments == [tuple(s) for s in segments]  # what training's layout reads
+    model, processor = load_whisper(TEACHER), load_processor(TEACHER)
+    embedding = output_embedding(TEACHER)
+    stored = read_teacher_targets(timestamped, set(records))
+    for name, record in records.items():
+        decoder_ids, labels = label_layout(processor.tokenizer, model.generation_config, record["pseudo_label"], "en",
+                                           samples[name].segments)
+        positions = [j for j, label in enumerate(labels) if label != -100]
+        assert stored[name]["ts.states"].shape == (len(positions), model.config.d_model)
+        assert stored[name]["states"].shape[0] < len(positions)  # the plain layout has no timestamp tokens
+        audio, _ = sf.read(source / name, dtype="float32")
+        with torch.inference_mode():
+            logits = model(input_features=log_mel(processor.feature_extractor, audio),
+                           decoder_input_ids=torch.tensor([decoder_ids])).logits[0, positions]
+        torch.testing.assert_close(stored[name]["ts.states"].float() @ embedding.T, logits, atol=0.1, rtol=0.01)
+        example = Encoded(name, np.zeros((80, 1), np.float32), decoder_ids, labels, "x", "en", timestamped=True)
+        [targets] = load_teacher_targets([example], [str(timestamped)], TEACHER, temperature=2.0)
+        assert torch.equal(targets["states"], stored[name]["ts.states"])
+    with pytest.raises(AsrError, match=r"no cached teacher targets for its timestamped layout in .*; re-run "
+                                       r"`asr pseudo-label --timestamps` into a new --out"):
+        load_teacher_targets([example], [str(labelled["out"])], TEACHER, temperature=2.0)
 
 
 def test_drop_reasons_on_constructed_outputs():

@@ -224,7 +224,8 @@ def iter_samples(ds, stats: SkipStats, default_language: str = "en", limit: int 
                  text_column: str | None = None, max_seconds: float | None = MAX_SECONDS) -> Iterator[Sample]:
     """Yield decodable, non-empty, ≤30 s, in-range samples with text; everything else is counted in `stats`.
 
-    The transcript is the first of TEXT_COLUMNS present, or `text_column` (e.g. 'pseudo_label') when given.
+    The transcript is the first of TEXT_COLUMNS present, or `text_column` (e.g. 'pseudo_label') when given; its
+    sentence times, where the data has them, come from `segments` (`<text_column>_segments`).
     max_seconds None keeps clips of any length (long-form evaluation).
     """
     yielded = 0
@@ -263,8 +264,8 @@ def iter_samples(ds, stats: SkipStats, default_language: str = "en", limit: int 
             continue
         language = next((str(row[c]) for c in LANGUAGE_COLUMNS if row.get(c)), default_language)
         yielded += 1
-        segments = None if text_column is not None else timed_segments(row.get("segments"), str(text).strip(),
-                                                                       wave.size / SAMPLE_RATE)
+        segments = timed_segments(row.get(f"{text_column}_segments" if text_column else "segments"),
+                                  str(text).strip(), wave.size / SAMPLE_RATE)  # the times of this transcript
         yield Sample(id=Path(source).name, audio=wave, text=str(text).strip(), language=language,
                      path=data if isinstance(data, str) else None, segments=segments)
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from asr.data.features import TIME_STEP_S, log_mel, timestamp_token
+from asr.data.features import log_mel, timestamp_token
 from asr.data.loading import SAMPLE_RATE
 from asr.infer.engines import Decoded, split_rows
-from asr.infer.transcribe import text_of
+from asr.infer.transcribe import segments_of, text_of
 from asr.errors import AsrError
 from asr.models.loading import prompt_ids
 
@@ -92,13 +92,9 @@ class Ct2Engine:
                                            max_length=ct2_max_length(max_new_tokens, len(prompt)), suppress_tokens=[-1])
             [decoded] = split_rows(result.sequences_ids, self.eos_token_id, max_new_tokens)
             tokens, offset = decoded.tokens, seek / SAMPLE_RATE
-            stamps = [i for i, t in enumerate(tokens) if t >= begin]
-            closed = 0.0
-            for a, b in zip(stamps, stamps[1:]):
-                if b > a + 1:  # text between two timestamps: a segment
-                    start, closed = ((tokens[i] - begin) * TIME_STEP_S for i in (a, b))
-                    segments.append((offset + start, offset + closed,
-                                     text_of(processor.tokenizer, tokens[a + 1:b], self.eos_token_id)))
+            closed_here, _ = segments_of(processor.tokenizer, tokens, self.eos_token_id, begin)
+            segments += [(offset + start, offset + end, text) for start, end, text in closed_here]
+            closed = closed_here[-1][1] if closed_here else 0.0
             if closed == 0.0 and any(t < begin for t in tokens):  # no timestamp pair: the window's text as one
                 end = offset + min(window, len(audio) - seek) / SAMPLE_RATE
                 segments.append((offset, end, text_of(processor.tokenizer, tokens, self.eos_token_id)))

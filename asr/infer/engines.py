@@ -67,7 +67,8 @@ class HfEngine:
         ids = self.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=encoded),
                                   max_new_tokens=max_new_tokens, force_unique_generate_call=True,
                                   **self.language_kwargs(language), **options)
-        prompt = len(prompt_ids(None, self.model.generation_config, language))
+        # the forced prompt ends in <|notimestamps|> unless timestamps are asked for
+        prompt = len(prompt_ids(None, self.model.generation_config, language)) - bool(options.get("return_timestamps"))
         return split_rows(ids[:, prompt:].tolist(), self.eos_token_id, max_new_tokens)
 
 

@@ -6,7 +6,7 @@ from itertools import groupby
 from typing import Callable, Iterator, Sequence
 
 from asr.infer.engines import Engine
-from asr.data.features import log_mel
+from asr.data.features import TIME_STEP_S, log_mel
 from asr.data.loading import Sample
 
 
@@ -23,6 +23,17 @@ class Hypothesis:
 def text_of(tokenizer, tokens: list[int], eos: int) -> str:
     """Decoded text of the text tokens (specials and timestamps sort above end-of-text and are dropped)."""
     return tokenizer.decode([t for t in tokens if t < eos], skip_special_tokens=True).strip()
+
+
+def segments_of(tokenizer, tokens: Sequence[int], eos: int, begin: int) -> tuple[list[tuple[float, float, str]], bool]:
+    """The (start_s, end_s, text) segments a window's tokens close (text between two timestamp tokens; `begin` is
+    <|0.00|>), in window time, and whether text follows the last timestamp (a segment left open at the window's
+    end)."""
+    stamps = [i for i, t in enumerate(tokens) if t >= begin]
+    segments = [((tokens[a] - begin) * TIME_STEP_S, (tokens[b] - begin) * TIME_STEP_S,
+                 text_of(tokenizer, tokens[a + 1:b], eos)) for a, b in zip(stamps, stamps[1:]) if b > a + 1]
+    tail = tokens[stamps[-1] + 1:] if stamps else tokens
+    return segments, any(t < eos for t in tail)
 
 
 def language_batches(samples: Sequence[Sample], batch_size: int) -> Iterator[list[tuple[int, Sample]]]:

@@ -2,9 +2,15 @@
 
 Clips whose transcript is empty, loops, is all upper case, or is further than a threshold from the reference
 (normalized WER) are dropped and counted by reason. Kept clips become an audiofolder (audio hard-linked,
-`metadata.csv` with file_name, transcription, pseudo_label, pseudo_wer, language) and the teacher's targets at
-every label position of the pseudo-label (teacher-forced on the layout `label_layout` builds for training), so KD
-can run without the teacher:
+`metadata.csv` with file_name, transcription, pseudo_label, pseudo_label_segments, pseudo_wer, language) and the
+teacher's targets at every label position of the pseudo-label (teacher-forced on the layout `label_layout` builds
+for training), so KD can run without the teacher.
+
+With `timestamps` the teacher decodes with timestamps (one pass, as distil-whisper labels): `pseudo_label` is the
+text of its segments and `pseudo_label_segments` their times (JSON [[start_s, end_s, text], ...], what training
+reads to teach timestamps), empty for a clip whose last segment the teacher left open. Its targets are stored for
+the timestamped layout too ("ts.<kind>"), so a cached-target KD step lines up with whichever layout it draws.
+The stored targets are:
 - `top_k`: the top-K next-token log-probs at `temperature` (normalized over the whole vocabulary, so the mass
   outside the top K is known): compact (6 bytes × K per token) but approximate, see `kd_loss_topk`;
 - `teacher_states`: the decoder's final hidden state (fp16, 2 bytes × d_model per token); the teacher's logits
@@ -35,23 +41,23 @@ from tqdm import tqdm
 
 from asr.infer.engines import HfEngine
 from asr.infer.repetition import has_loop
-from asr.infer.transcribe import text_of
+from asr.infer.transcribe import segments_of, text_of
 from asr.infer.wer import error_rates, normalize
-from asr.data.features import IGNORE_INDEX, label_layout, log_mel
+from asr.data.features import IGNORE_INDEX, label_layout, log_mel, timestamp_token
 from asr.data.real import refuse_for_training
 from asr.data.loading import SAMPLE_RATE, DatasetRef, Sample, SkipStats, iter_samples, open_dataset
 from asr.errors import AsrError
-from asr.label.targets import PROGRESS, SETTINGS, SUMMARY, TOPK, read_records, settings_of
+from asr.label.targets import PROGRESS, SETTINGS, SUMMARY, TIMESTAMPED, TOPK, read_records, settings_of
 from asr.models.loading import load_processor, load_whisper, local_device
 from asr.models.registry import resolve_model
 
-COLUMNS = ("file_name", "transcription", "pseudo_label", "pseudo_wer", "language")
+COLUMNS = ("file_name", "transcription", "pseudo_label", "pseudo_label_segments", "pseudo_wer", "language")
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".webm", ".aac"}
 
 
 @dataclass
 class PseudoLabelOptions:
-    """Knobs of one run; the first six are part of the folder's identity (a resume must not change them)."""
+    """Knobs of one run; the first seven are part of the folder's identity (a resume must not change them)."""
 
     wer_threshold: float = 10.0  # percent, normalized WER of the teacher's transcript against the reference
     top_k: int | None = None
@@ -59,6 +65,7 @@ class PseudoLabelOptions:
     teacher_states: bool = False  # store the teacher's final decoder states (exact KD without the teacher)
     max_new_tokens: int = 224  # openai-whisper's default sample_len (n_text_ctx // 2)
     language: str = "en"  # for datasets without a language column
+    timestamps: bool = False  # decode with timestamps; keep the segments (and timestamped targets) too
     nproc: int = 1
     batch_size: int = 8
     limit: int | None = None  # only the first N rows of the dataset
@@ -122,29 +129,51 @@ def teacher_targets(model, encoder_states: torch.Tensor, layouts: list[tuple[lis
     return out
 
 
+def transcript(engine: HfEngine, processor, tokens: list[int], timestamps: bool) -> tuple[str, list | None]:
+    """(text, segments) of the teacher's tokens: with timestamps the text is its segments' text joined (what the
+    loader checks them against), and segments None when the last one was left open (no end time to teach)."""
+    if not timestamps:
+        return text_of(processor.tokenizer, tokens, engine.eos_token_id), None
+    begin = timestamp_token(engine.model.generation_config, 0.0)
+    segments, left_open = segments_of(processor.tokenizer, tokens, engine.eos_token_id, begin)
+    segments = [[round(start, 2), round(end, 2), text] for start, end, text in segments if text]
+    if left_open or not segments:
+        return text_of(processor.tokenizer, tokens, engine.eos_token_id), None
+    return " ".join(text for _, _, text in segments), segments
+
+
 def label_batch(engine: HfEngine, processor, samples: list[Sample],
                 opts: PseudoLabelOptions) -> list[tuple[dict, Sample, dict | None]]:
     """Transcribe a batch (clips of one language decoded together), filter, and store the teacher's targets for
-    the kept ones."""
+    the kept ones (for the timestamped layout too where the clip has segments)."""
     out = []
+    config = engine.model.generation_config
     for language, group in groupby(sorted(samples, key=lambda s: s.language), key=lambda s: s.language):
         group = list(group)
         states = engine.encode(log_mel(processor.feature_extractor, [s.audio for s in group]))
         records = []
-        for sample, decoded in zip(group, engine.decode(states, language, opts.max_new_tokens)):
-            text = text_of(processor.tokenizer, decoded.tokens, engine.eos_token_id)
+        decoded_rows = engine.decode(states, language, opts.max_new_tokens,
+                                     **({"return_timestamps": True} if opts.timestamps else {}))
+        for sample, decoded in zip(group, decoded_rows):
+            text, segments = transcript(engine, processor, decoded.tokens, opts.timestamps)
             reason, wer = drop_reason(text, sample.text, language, decoded.capped, opts.wer_threshold)
             name = sample.id if sample.path else Path(sample.id).stem + ".wav"  # in-memory audio is written as WAV
             records.append({"source_id": sample.id, "file_name": name, "kept": reason is None, "reason": reason,
-                            "transcription": sample.text, "pseudo_label": text, "pseudo_wer": wer,
-                            "language": language})
+                            "transcription": sample.text, "pseudo_label": text,
+                            "pseudo_label_segments": json.dumps(segments, ensure_ascii=False) if segments else "",
+                            "pseudo_wer": wer, "language": language})
         targets: list[dict | None] = [None] * len(group)
         kept = [i for i, r in enumerate(records) if r["kept"]]
         if (opts.top_k or opts.teacher_states) and kept:
-            layouts = [label_layout(processor.tokenizer, engine.model.generation_config, records[i]["pseudo_label"],
-                                    language) for i in kept]
+            layouts = [label_layout(processor.tokenizer, config, records[i]["pseudo_label"], language) for i in kept]
             for i, clip_targets in zip(kept, teacher_targets(engine.model, states[kept], layouts, opts)):
                 targets[i] = clip_targets
+            timed = [i for i in kept if records[i]["pseudo_label_segments"]]
+            layouts = [label_layout(processor.tokenizer, config, records[i]["pseudo_label"], language,
+                                    json.loads(records[i]["pseudo_label_segments"])) for i in timed]
+            for i, clip_targets in zip(timed, teacher_targets(engine.model, states[timed], layouts, opts)
+                                       if timed else []):
+                targets[i].update({f"{TIMESTAMPED}{kind}": value for kind, value in clip_targets.items()})
         out.extend(zip(records, group, targets))
     return out
 
@@ -292,7 +321,7 @@ def write_metadata(out: Path, kept: list[dict]) -> None:
         writer = csv.writer(f)
         writer.writerow(COLUMNS)
         for r in sorted(kept, key=lambda r: r["file_name"]):
-            writer.writerow([r[c] for c in COLUMNS])
+            writer.writerow([r.get(c, "") for c in COLUMNS])  # a clip labelled before a column existed: empty
     os.replace(tmp, out / "metadata.csv")
 
 
@@ -333,7 +362,8 @@ def pseudo_label(teacher: str, data: str, out: Path, opts: PseudoLabelOptions | 
     settings = {"teacher": teacher, "data": str(Path(data).resolve()) if Path(data).exists() else data,
                 "wer_threshold": opts.wer_threshold, "top_k": opts.top_k, "max_new_tokens": opts.max_new_tokens,
                 "language": opts.language, "temperature": opts.temperature if opts.top_k else None,  # of the top-K
-                "teacher_states": opts.teacher_states or None}  # None: a folder made before the option matches
+                "teacher_states": opts.teacher_states or None,  # None: a folder made before the option matches
+                "timestamps": opts.timestamps or None}
     out = Path(out)
     prepare_out(out, settings)
     ds = open_dataset(DatasetRef.parse(data))
@@ -370,7 +400,9 @@ def pseudo_label(teacher: str, data: str, out: Path, opts: PseudoLabelOptions | 
     kept_wer = [r["pseudo_wer"] for r in kept if r["pseudo_wer"] is not None]
     summary = {"teacher": teacher, "data": data, "out": str(out), "rows": len(ds), "wer_threshold": opts.wer_threshold,
                "top_k": opts.top_k, "temperature": settings["temperature"],
-               "teacher_states": opts.teacher_states, "labelled": len(records), "kept": len(kept),
+               "teacher_states": opts.teacher_states, "timestamps": opts.timestamps,
+               "timestamped": sum(bool(r.get("pseudo_label_segments")) for r in kept),
+               "labelled": len(records), "kept": len(kept),
                "dropped": dict(dropped.most_common()), "dropped_total": sum(dropped.values()),
                "loader_skipped": dict(stats.counts), "loader_skipped_examples": stats.examples,
                "kept_mean_clip_wer": sum(kept_wer) / len(kept_wer) if kept_wer else None,

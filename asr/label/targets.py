@@ -13,7 +13,9 @@ SETTINGS = "pseudo-label.json"  # how the folder was made; a resumed run must us
 SUMMARY = "summary.json"
 PROGRESS = "progress"  # <run>-r<rank>.jsonl: one line per finished clip, kept or dropped
 TOPK = "topk"  # <run>-r<rank>-<n>.safetensors: "<file>.ids" int32 [P, K], "<file>.logprobs" fp16 [P, K],
-#               "<file>.states" fp16 [P, d]
+#               "<file>.states" fp16 [P, d]; "<file>.ts.<kind>" the same on the timestamped layout
+TIMESTAMPED = "ts."  # prefix of a kind stored for the timestamped layout
+KINDS = ("ids", "logprobs", "states")
 
 
 def read_records(out: Path) -> list[dict]:
@@ -37,8 +39,8 @@ def settings_of(folder: Path) -> dict | None:
 
 
 def read_teacher_targets(folder: Path, ids: set[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """Cached teacher targets of the requested clips: id -> {"ids", "logprobs", "states"} (those stored), each
-    read from the file its progress record names (a killed run's unreferenced files are never read)."""
+    """Cached teacher targets of the requested clips: id -> {"ids", "logprobs", "states", "ts.ids", ...} (those
+    stored), each read from the file its progress record names (a killed run's unreferenced files are never read)."""
     from safetensors import safe_open
 
     by_file: dict[str, list[str]] = {}
@@ -50,6 +52,6 @@ def read_teacher_targets(folder: Path, ids: set[str]) -> dict[str, dict[str, tor
         with safe_open(Path(folder) / TOPK / name, framework="pt") as f:
             keys = set(f.keys())
             for clip in clips:
-                found[clip] = {kind: f.get_tensor(f"{clip}.{kind}") for kind in ("ids", "logprobs", "states")
-                               if f"{clip}.{kind}" in keys}
+                found[clip] = {kind: f.get_tensor(f"{clip}.{kind}")
+                               for kind in (*KINDS, *(TIMESTAMPED + k for k in KINDS)) if f"{clip}.{kind}" in keys}
     return found

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from asr.data.features import IGNORE_INDEX, Encoded, LayoutPolicy, WhisperCollator, encode_sample
 from asr.data.loading import DatasetRef, Sample, SkipStats, iter_samples, open_dataset
-from asr.label.targets import read_teacher_targets, settings_of
+from asr.label.targets import TIMESTAMPED, read_teacher_targets, settings_of
 from asr.errors import AsrError
 from asr.models.loading import weights_fingerprint
 
@@ -107,7 +107,8 @@ def load_teacher_targets(examples: Sequence[Encoded], datasets: Sequence[str], t
                          kind: bool | str = True) -> list[dict[str, torch.Tensor]]:
     """The cached teacher targets of every example (same order) from `asr pseudo-label` folders: `kind` "states"
     (final decoder states, exact), "top_k" (made at the objective's `temperature`), or True: the states where
-    every folder has them, else the top-K."""
+    every folder has them, else the top-K. A timestamped example takes the targets stored for its timestamped
+    layout (`asr pseudo-label --timestamps`)."""
     settings = {ref: settings_of(Path(ref)) or {} for ref in datasets}
     use_states = kind == "states" or (kind is True and all(made.get("teacher_states") for made in settings.values()))
     for ref, made in settings.items():
@@ -130,15 +131,18 @@ def load_teacher_targets(examples: Sequence[Encoded], datasets: Sequence[str], t
         found.update(read_teacher_targets(Path(ref), {e.id for e in examples}))
     out = []
     for e in examples:
-        if e.id not in found or any(k not in found[e.id] for k in kinds):
-            raise AsrError(f"{e.id}: no cached teacher targets in {', '.join(datasets)}; re-run `asr pseudo-label` "
-                           "on its folder to finish it")
+        prefix = TIMESTAMPED if e.timestamped else ""
+        if e.id not in found or any(prefix + k not in found[e.id] for k in kinds):
+            fix = ("re-run `asr pseudo-label --timestamps` into a new --out, or set data.timestamp_probability=0"
+                   if e.timestamped else "re-run `asr pseudo-label` on its folder to finish it")
+            raise AsrError(f"{e.id}: no cached teacher targets{' for its timestamped layout' * e.timestamped} in "
+                           f"{', '.join(datasets)}; {fix}")
         positions = sum(label != IGNORE_INDEX for label in e.labels)
-        stored = found[e.id][kinds[0]].shape[0]
+        stored = found[e.id][prefix + kinds[0]].shape[0]
         if stored != positions:
             raise AsrError(f"{e.id}: cached teacher targets cover {stored} label positions but the transcript has "
                            f"{positions}; train on the pseudo-labels (data.labels=pseudo)")
-        out.append({k: found[e.id][k] for k in kinds})
+        out.append({k: found[e.id][prefix + k] for k in kinds})
     return out
 
 

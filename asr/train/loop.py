@@ -122,8 +122,12 @@ class Trainer:
         return self.in_memory_batches(student, collator, text_column)
 
     def layout(self) -> LayoutPolicy:
+        """Cached teacher targets were made without a prompt, so under the cache prompts default to none
+        (check_recipe refuses asking for them)."""
         d = self.recipe.data
-        return LayoutPolicy(d.timestamp_probability, d.condition_on_prev_probability, self.recipe.train.seed)
+        prompts = 0.0 if self.teacher_cache and d.condition_on_prev_probability is None else \
+            d.condition_on_prev_probability
+        return LayoutPolicy(d.timestamp_probability, prompts, self.recipe.train.seed)
 
     def place_teacher(self, student) -> None:
         """The live teacher on the run's device and dtype, or the output projection that turns cached teacher
