@@ -54,12 +54,13 @@ def _data_real(args: argparse.Namespace) -> None:
 
 
 def _pseudo_label(args: argparse.Namespace) -> None:
+    from asr.label.allocation import slurm_task
     from asr.label.pseudo_label import PseudoLabelOptions, pseudo_label, summary_line
 
     opts = PseudoLabelOptions(wer_threshold=args.wer_threshold, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
                               language=args.language, nproc=args.nproc, batch_size=args.batch_size, limit=args.limit,
                               temperature=args.temperature, teacher_states=args.teacher_states,
-                              timestamps=args.timestamps)
+                              timestamps=args.timestamps, task=slurm_task() if args.slurm_task else None)
     print(summary_line(pseudo_label(args.teacher, args.data, Path(args.out), opts)))
 
 
@@ -231,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     pseudo.add_argument("--timestamps", action="store_true",
                         help="decode with timestamps; store the segments (and timestamped teacher targets) too")
     pseudo.add_argument("--nproc", type=int, default=1, help="local processes, each labelling a stride of the rows")
+    pseudo.add_argument("--slurm-task", action="store_true",
+                        help="one task of an srun step: label the rows of index %% SLURM_NTASKS == SLURM_PROCID and "
+                             "leave the folder's metadata to a call without it (`asr run` does this in an allocation)")
     pseudo.add_argument("--batch-size", type=int, default=8)
     pseudo.add_argument("--limit", type=int, help="only the first N rows")
     pseudo.add_argument("--max-new-tokens", type=int, default=224)

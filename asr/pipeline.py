@@ -54,7 +54,8 @@ def real_dataset(language: str) -> str:
 def pseudo_labelled(recipe: Recipe, data: str) -> str:
     """Label one training set with the teacher (once: cached, and resumed if stopped); returns the folder."""
     from asr.data.loading import DatasetRef
-    from asr.label.pseudo_label import PseudoLabelOptions, pseudo_label, summary_line
+    from asr.label.allocation import allocation_tasks, label_across_allocation
+    from asr.label.pseudo_label import PseudoLabelOptions, folder_settings, prepare_out, pseudo_label, summary_line
 
     spec, d = recipe.data.pseudo_label, recipe.data
     source = str(Path(data).resolve()) if Path(data).exists() else data
@@ -66,7 +67,11 @@ def pseudo_labelled(recipe: Recipe, data: str) -> str:
                               language=d.fallback_language, nproc=recipe.train.nproc, batch_size=spec.batch_size,
                               limit=d.train_limit, temperature=recipe.objective.temperature,
                               teacher_states=spec.teacher_states, timestamps=spec.timestamps)
-    print(summary_line(pseudo_label(recipe.teacher, data, out, opts)), flush=True)
+    tasks = allocation_tasks()
+    if tasks > 1 and not (out / "summary.json").is_file():  # a Slurm allocation (asr submit gives this job the training nodes): one task per GPU labels
+        prepare_out(out, folder_settings(recipe.teacher, data, opts))  # before the tasks, which then only check it
+        label_across_allocation(recipe.teacher, data, out, opts, tasks)
+    print(summary_line(pseudo_label(recipe.teacher, data, out, opts)), flush=True)  # finishes the folder
     return str(out)
 
 

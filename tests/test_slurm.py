@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from asr.data.loading import DatasetRef, open_dataset
 from asr.errors import AsrError
+from asr.label.pseudo_label import source_id
 from asr.slurm.render import Resources, plan_submission, render, set_directives, split_values, sweep_points
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +32,13 @@ def write_recipe(path: Path, teacher: str, data: Path, **train) -> Path:
               "train": {"max_steps": 3, "batch_size": 2, "save_every": 2, "log_every": 1, "nproc": 1,
                         "keep_last": 5, "zero_stage": 2, "threads_per_proc": 1, **train},
               "tracking": {"wandb": False}}
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def write_pseudo_label_recipe(path: Path, teacher: str, data: Path) -> Path:
+    recipe = yaml.safe_load(write_recipe(path, teacher, data).read_text())
+    recipe["data"]["pseudo_label"] = {"wer_threshold": 100.0, "batch_size": 2}
     path.write_text(yaml.safe_dump(recipe))
     return path
 
@@ -118,6 +127,17 @@ def test_train_job_asks_for_the_cores_of_its_ranks_and_their_loading_workers(tmp
     assert "#SBATCH --cpus-per-task=20" in train_script([], gpus_per_node=4, cpus_per_rank=5)
     with pytest.raises(AsrError, match="--cpus-per-rank must be at least 1"):
         plan_submission(recipe, [], [], tmp_path / "run", Resources(cpus_per_rank=0))
+
+
+def test_a_recipe_that_pseudo_labels_gets_the_training_allocation_for_its_prepare_job(tmp_path, micro_teacher,
+                                                                                      speech_folder):
+    plain = write_recipe(tmp_path / "plain.yaml", str(micro_teacher), speech_folder)
+    labels = write_pseudo_label_recipe(tmp_path / "labels.yaml", str(micro_teacher), speech_folder)
+    gpus = Resources(nodes=4, gpus_per_node=8)
+    assert "#SBATCH --ntasks=1\n" in render(plan_submission(plain, [], [], tmp_path / "a", gpus)).files["prepare.sbatch"]
+    prepare = render(plan_submission(labels, [], [], tmp_path / "b", gpus)).files["prepare.sbatch"]
+    for line in ("--nodes=4", "--ntasks=32", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=1"):
+        assert f"#SBATCH {line}\n" in prepare
 
 
 # --- on a local Slurm cluster ----------------------------------------------------------------------------------
@@ -235,6 +255,30 @@ def test_sweep_runs_one_directory_per_value_as_job_arrays(cluster, tmp_path, mic
         assert f"-> {run}" in (root / "logs" / f"prepare-{jobs['prepare']}_{i}.log").read_text()
         assert "| step-2 |" in (run / "report.md").read_text()
         assert json.loads(next(iter((run / "metrics.jsonl").read_text().splitlines())))["lr"] == lr
+
+
+def test_pseudo_labels_in_one_srun_step_over_the_allocation(cluster, tmp_path, speech_folder):
+    """The prepare job of a recipe that pseudo-labels holds both nodes; the teacher labels in one srun step of two
+    tasks, each the rows of its stride, the job then finishes the folder once, and training uses it."""
+    recipe = write_pseudo_label_recipe(tmp_path / "r.yaml", "whisper-tiny.en", speech_folder)
+    run = tmp_path / "run"
+    jobs = submit(run, str(recipe), "--nodes", "2", "--procs-per-node", "1")
+    states = wait_for(jobs, run / "logs", timeout=420)
+    assert set(states.values()) == {"COMPLETED"}, show_logs(run / "logs")
+    log = (run / "logs" / f"prepare-{jobs['prepare']}.log").read_text()
+    assert "pseudo-labelling on 2 tasks of the allocation: srun --ntasks=2" in log, log[-3000:]
+    ds = open_dataset(DatasetRef.parse(str(speech_folder))).select_columns(["audio"])
+    order = [source_id(row["audio"], i) for i, row in enumerate(ds)]
+    for task in (0, 1):
+        assert f"pseudo-labelling task {task} of 2: transcribed {len(order[task::2])} clips" in log, log[-3000:]
+    out = Path(log.split("pseudo-labelled ")[1].split(" -> ")[1].split()[0])
+    assert f"pseudo-labelled {len(order)} clips with whisper-tiny.en" in log and "this run transcribed 0 in" in log
+    by_task = {p.stem.rsplit("-", 1)[1]: [json.loads(line)["source_id"] for line in p.read_text().splitlines()]
+               for p in (out / "progress").glob("*.jsonl")}
+    assert by_task == {"r0": order[0::2], "r1": order[1::2]}  # each task its stride, in row order, once
+    assert json.loads((out / "summary.json").read_text())["labelled"] == len(order)
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["data"]["train"] == [str(out)]
+    assert "| step-3 |" in (run / "report.md").read_text()
 
 
 def test_warning_signal_checkpoints_requeues_and_resumes(cluster, tmp_path, micro_teacher, speech_folder):

@@ -70,6 +70,7 @@ class PseudoLabelOptions:
     batch_size: int = 8
     limit: int | None = None  # only the first N rows of the dataset
     flush_every: int = 64  # clips per durable write (progress lines and one top-K file)
+    task: tuple[int, int] | None = None  # (id, tasks) of an srun task: label rows with index % tasks == id only
 
 
 # --- filters ---------------------------------------------------------------------------------------------
@@ -352,18 +353,24 @@ def rows_to_label(ds, done: set[str], stats: SkipStats) -> list[int]:
     return todo
 
 
+def folder_settings(teacher: str, data: str, opts: PseudoLabelOptions) -> dict:
+    """What makes a folder's labels what they are: a resume must not change any of it."""
+    return {"teacher": teacher, "data": str(Path(data).resolve()) if Path(data).exists() else data,
+            "wer_threshold": opts.wer_threshold, "top_k": opts.top_k, "max_new_tokens": opts.max_new_tokens,
+            "language": opts.language, "temperature": opts.temperature if opts.top_k else None,  # of the top-K
+            "teacher_states": opts.teacher_states or None,  # None: a folder made before the option matches
+            "timestamps": opts.timestamps or None}
+
+
 def pseudo_label(teacher: str, data: str, out: Path, opts: PseudoLabelOptions | None = None) -> dict:
     """Label `data` with `teacher` into the audiofolder `out` (resuming a stopped run there); returns the summary
-    also written to out/summary.json."""
+    also written to out/summary.json. An srun task (`opts.task`) labels its stride and returns its own counts; the
+    call after the srun step writes the folder's metadata and summary."""
     opts = opts or PseudoLabelOptions()
     started = time.perf_counter()
     resolve_model(teacher)  # a bad reference fails here, before any folder is made
     refuse_for_training(data, "pseudo-labels")
-    settings = {"teacher": teacher, "data": str(Path(data).resolve()) if Path(data).exists() else data,
-                "wer_threshold": opts.wer_threshold, "top_k": opts.top_k, "max_new_tokens": opts.max_new_tokens,
-                "language": opts.language, "temperature": opts.temperature if opts.top_k else None,  # of the top-K
-                "teacher_states": opts.teacher_states or None,  # None: a folder made before the option matches
-                "timestamps": opts.timestamps or None}
+    settings = folder_settings(teacher, data, opts)
     out = Path(out)
     prepare_out(out, settings)
     ds = open_dataset(DatasetRef.parse(data))
@@ -375,8 +382,10 @@ def pseudo_label(teacher: str, data: str, out: Path, opts: PseudoLabelOptions | 
     done = {r["source_id"] for r in read_records(out)}
     stats = SkipStats()
     todo = rows_to_label(ds, done, stats)
-    world = max(1, min(opts.nproc, len(todo)))
     tag = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    if opts.task is not None:
+        return label_task(teacher, data, out, opts, todo, tag, started)
+    world = max(1, min(opts.nproc, len(todo)))
     threads = max(1, (os.cpu_count() or 1) // world) if world > 1 else None
     jobs = [ShardJob(teacher, data, str(out), todo[rank::world], rank, tag, opts, threads) for rank in range(world)]
     if todo:
@@ -413,8 +422,21 @@ def pseudo_label(teacher: str, data: str, out: Path, opts: PseudoLabelOptions | 
     return summary
 
 
+def label_task(teacher: str, data: str, out: Path, opts: PseudoLabelOptions, todo: list[int], tag: str,
+               started: float) -> dict:
+    """One srun task's share: the unfinished rows whose index is its id modulo the tasks, on its GPU."""
+    rank, tasks = opts.task
+    mine = [i for i in todo if i % tasks == rank]
+    result = label_shard(ShardJob(teacher, data, str(out), mine, rank, tag, opts)) if mine else {"counts": {}}
+    return {"task": rank, "tasks": tasks, "transcribed_this_run": len(mine), "loader_skipped": result["counts"],
+            "seconds_this_run": round(time.perf_counter() - started, 1), "out": str(out)}
+
+
 def summary_line(summary: dict) -> str:
-    """One line of figures for the end of a run."""
+    """One line of figures for the end of a run (or of one srun task's share)."""
+    if "task" in summary:
+        return (f"pseudo-labelling task {summary['task']} of {summary['tasks']}: transcribed "
+                f"{summary['transcribed_this_run']} clips in {summary['seconds_this_run']:.0f} s -> {summary['out']}")
     dropped = ", ".join(f"{n} {reason}" for reason, n in summary["dropped"].items()) or "none"
     skipped = ", ".join(f"{n} {reason}" for reason, n in summary["loader_skipped"].items()) or "none"
     return (f"pseudo-labelled {summary['labelled']} clips with {summary['teacher']}: kept {summary['kept']}, dropped "

@@ -49,6 +49,7 @@ class Plan:
     procs_per_node: int
     cpus_per_rank: int
     name: str
+    labels: bool = False  # the recipe pseudo-labels in its prepare stage (which then gets the training nodes)
     files: dict[str, str] = field(default_factory=dict)  # file name in ROOT/slurm -> text, filled by render()
 
     @property
@@ -120,7 +121,8 @@ def plan_submission(recipe: Path, overrides: list[str], sweeps: list[str], run_d
     procs = resources.procs_per_node or resources.gpus_per_node or recipes[0].train.nproc
     cpus = resources.cpus_per_rank or max(cpus_per_rank(r) for r in recipes)
     return Plan(recipe=recipe.resolve(), overrides=list(overrides), root=root, runs=runs, sweep_overrides=points,
-                resources=resources, procs_per_node=procs, cpus_per_rank=cpus, name=name)
+                resources=resources, procs_per_node=procs, cpus_per_rank=cpus, name=name,
+                labels=any(r.data.pseudo_label is not None for r in recipes))
 
 
 def cpus_per_rank(recipe: Recipe) -> int:
@@ -160,6 +162,11 @@ def directives(plan: Plan, stage: str) -> dict[str, str | None]:
         # one task per node runs all its ranks: without cpus-per-task they share the cluster's default (often 1)
         d.update({"nodes": str(r.nodes), "ntasks-per-node": "1",
                   "cpus-per-task": str(plan.procs_per_node * plan.cpus_per_rank)})
+        if r.gpus_per_node:
+            d["gpus-per-node"] = str(r.gpus_per_node)
+    if stage == "prepare" and plan.labels:  # the teacher labels with one task per GPU (asr.label.allocation)
+        d.update({"nodes": str(r.nodes), "ntasks": str(r.nodes * plan.procs_per_node),
+                  "ntasks-per-node": str(plan.procs_per_node), "cpus-per-task": str(plan.cpus_per_rank)})
         if r.gpus_per_node:
             d["gpus-per-node"] = str(r.gpus_per_node)
     for key in ("partition", "time", "account"):
