@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -43,7 +44,7 @@ from asr.infer.engines import HfEngine
 from asr.infer.repetition import has_loop
 from asr.infer.transcribe import segments_of, text_of
 from asr.infer.wer import error_rates, normalize
-from asr.data.features import IGNORE_INDEX, label_layout, log_mel, timestamp_token
+from asr.data.features import IGNORE_INDEX, TIME_STEP_S, label_layout, log_mel, timestamp_token
 from asr.data.real import refuse_for_training
 from asr.data.loading import SAMPLE_RATE, DatasetRef, Sample, SkipStats, iter_samples, open_dataset
 from asr.errors import AsrError
@@ -130,14 +131,17 @@ def teacher_targets(model, encoder_states: torch.Tensor, layouts: list[tuple[lis
     return out
 
 
-def transcript(engine: HfEngine, processor, tokens: list[int], timestamps: bool) -> tuple[str, list | None]:
+def transcript(engine: HfEngine, processor, tokens: list[int], timestamps: bool, duration: float
+               ) -> tuple[str, list | None]:
     """(text, segments) of the teacher's tokens: with timestamps the text is its segments' text joined (what the
-    loader checks them against), and segments None when the last one was left open (no end time to teach)."""
+    loader checks them against), and segments None when the last one was left open (no end time to teach).
+    Times past the clip's end (Whisper overshoots by a step or two) are pulled back to its last 20 ms step."""
     if not timestamps:
         return text_of(processor.tokenizer, tokens, engine.eos_token_id), None
     begin = timestamp_token(engine.model.generation_config, 0.0)
     segments, left_open = segments_of(processor.tokenizer, tokens, engine.eos_token_id, begin)
-    segments = [[round(start, 2), round(end, 2), text] for start, end, text in segments if text]
+    last = math.floor(duration / TIME_STEP_S) * TIME_STEP_S
+    segments = [[round(min(start, last), 2), round(min(end, last), 2), text] for start, end, text in segments if text]
     if left_open or not segments:
         return text_of(processor.tokenizer, tokens, engine.eos_token_id), None
     return " ".join(text for _, _, text in segments), segments
@@ -156,7 +160,8 @@ def label_batch(engine: HfEngine, processor, samples: list[Sample],
         decoded_rows = engine.decode(states, language, opts.max_new_tokens,
                                      **({"return_timestamps": True} if opts.timestamps else {}))
         for sample, decoded in zip(group, decoded_rows):
-            text, segments = transcript(engine, processor, decoded.tokens, opts.timestamps)
+            text, segments = transcript(engine, processor, decoded.tokens, opts.timestamps,
+                                        len(sample.audio) / SAMPLE_RATE)
             reason, wer = drop_reason(text, sample.text, language, decoded.capped, opts.wer_threshold)
             name = sample.id if sample.path else Path(sample.id).stem + ".wav"  # in-memory audio is written as WAV
             records.append({"source_id": sample.id, "file_name": name, "kept": reason is None, "reason": reason,
