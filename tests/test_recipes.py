@@ -37,7 +37,7 @@ def test_every_builtin_recipe_validates_and_says_what_it_reproduces():
     ("train.zero_stage=4", "train.zero_stage: 4 is not one of 0, 1, 2, 3"),
     ("objective.method=dpo", "objective.method: 'dpo' is not one of 'kd', 'ce'"),
     ("prune.keep=[0,x]", "prune.keep[1]: 'x' is not int"),
-    ("data.pseudo_label.topk=8", "data.pseudo_label.topk: unknown key; allowed: batch_size, max_new_tokens, teacher_states, top_k"),
+    ("data.pseudo_label.topk=8", "data.pseudo_label.topk: unknown key; allowed: batch_size, max_new_tokens, teacher_states, timestamps, top_k"),
     ("train.max_steps=many", "train.max_steps: 'many' is not int"),
     ("train.freeze_encoder=maybe", "train.freeze_encoder: 'maybe' is not bool"),
     ("nonsense", "is not key=value"),
