@@ -56,20 +56,19 @@ def pseudo_labelled(recipe: Recipe, data: str) -> str:
     from asr.data.loading import DatasetRef
     from asr.label.allocation import allocation_tasks, label_across_allocation
     from asr.label.pseudo_label import PseudoLabelOptions, folder_settings, prepare_out, pseudo_label, summary_line
+    from asr.label.targets import SUMMARY
 
     spec, d = recipe.data.pseudo_label, recipe.data
-    source = str(Path(data).resolve()) if Path(data).exists() else data
-    temperature = recipe.objective.temperature if spec.top_k else None  # the stored top-K's temperature
-    identity = json.dumps([recipe.teacher, source, dataclasses.asdict(spec), d.fallback_language, d.train_limit]
-                          + ([temperature] if temperature is not None else []))
-    out = cache_dir() / "pseudo" / f"{DatasetRef.parse(data).label}-{hashlib.sha1(identity.encode()).hexdigest()[:10]}"
     opts = PseudoLabelOptions(wer_threshold=spec.wer_threshold, top_k=spec.top_k, max_new_tokens=spec.max_new_tokens,
                               language=d.fallback_language, nproc=recipe.train.nproc, batch_size=spec.batch_size,
                               limit=d.train_limit, temperature=recipe.objective.temperature,
                               teacher_states=spec.teacher_states, timestamps=spec.timestamps)
+    settings = folder_settings(recipe.teacher, data, opts)  # the folder's identity, plus the rows it covers
+    identity = json.dumps([settings, d.train_limit], sort_keys=True)
+    out = cache_dir() / "pseudo" / f"{DatasetRef.parse(data).label}-{hashlib.sha1(identity.encode()).hexdigest()[:10]}"
     tasks = allocation_tasks()
-    if tasks > 1 and not (out / "summary.json").is_file():  # a Slurm allocation (asr submit gives this job the training nodes): one task per GPU labels
-        prepare_out(out, folder_settings(recipe.teacher, data, opts))  # before the tasks, which then only check it
+    if tasks > 1 and not (out / SUMMARY).is_file():  # in a Slurm allocation: one task per GPU labels
+        prepare_out(out, settings)  # before the tasks, which then only check it
         label_across_allocation(recipe.teacher, data, out, opts, tasks)
     print(summary_line(pseudo_label(recipe.teacher, data, out, opts)), flush=True)  # finishes the folder
     return str(out)

@@ -156,12 +156,13 @@ def label_batch(engine: HfEngine, processor, samples: list[Sample],
     for language, group in groupby(sorted(samples, key=lambda s: s.language), key=lambda s: s.language):
         group = list(group)
         states = engine.encode(log_mel(processor.feature_extractor, [s.audio for s in group]))
-        records = []
+        records, timings = [], []
         decoded_rows = engine.decode(states, language, opts.max_new_tokens,
                                      **({"return_timestamps": True} if opts.timestamps else {}))
         for sample, decoded in zip(group, decoded_rows):
             text, segments = transcript(engine, processor, decoded.tokens, opts.timestamps,
                                         len(sample.audio) / SAMPLE_RATE)
+            timings.append(segments)
             reason, wer = drop_reason(text, sample.text, language, decoded.capped, opts.wer_threshold)
             name = sample.id if sample.path else Path(sample.id).stem + ".wav"  # in-memory audio is written as WAV
             records.append({"source_id": sample.id, "file_name": name, "kept": reason is None, "reason": reason,
@@ -174,9 +175,9 @@ def label_batch(engine: HfEngine, processor, samples: list[Sample],
             layouts = [label_layout(processor.tokenizer, config, records[i]["pseudo_label"], language) for i in kept]
             for i, clip_targets in zip(kept, teacher_targets(engine.model, states[kept], layouts, opts)):
                 targets[i] = clip_targets
-            timed = [i for i in kept if records[i]["pseudo_label_segments"]]
-            layouts = [label_layout(processor.tokenizer, config, records[i]["pseudo_label"], language,
-                                    json.loads(records[i]["pseudo_label_segments"])) for i in timed]
+            timed = [i for i in kept if timings[i]]
+            layouts = [label_layout(processor.tokenizer, config, records[i]["pseudo_label"], language, timings[i])
+                       for i in timed]
             for i, clip_targets in zip(timed, teacher_targets(engine.model, states[timed], layouts, opts)
                                        if timed else []):
                 targets[i].update({f"{TIMESTAMPED}{kind}": value for kind, value in clip_targets.items()})
