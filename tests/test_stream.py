@@ -10,6 +10,7 @@ from transformers import GenerationConfig
 
 from asr.data.features import WhisperCollator
 from asr.data.loading import SkipStats
+from asr.errors import AsrError
 from asr.models.loading import load_processor
 from asr.models.registry import resolve_model
 from asr.train.stream import StreamingBatches, rank_stream
@@ -57,6 +58,17 @@ def test_loading_workers_decode_in_other_processes_and_give_the_same_batches(spe
         a, b = ahead.batch(step), inline.batch(step)
         assert labels_of(a) == labels_of(b) and a["input_features"].equal(b["input_features"])
     assert ahead.state() == inline.state()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_missing_text_column_is_one_line_from_the_workers_too(speech_folder, num_workers):
+    """A loading worker's error reaches the user as its own sentence, not inside the DataLoader's traceback."""
+    batches = stream(speech_folder, num_workers=num_workers)
+    batches.text_column = "pseudo_label"
+    with pytest.raises(AsrError) as caught:
+        batches.batch(0)
+    message = str(caught.value)
+    assert message.startswith("dataset has no 'pseudo_label' column") and "\n" not in message
 
 
 def test_a_rank_opens_only_its_own_shards_where_they_divide():

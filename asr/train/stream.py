@@ -27,7 +27,9 @@ from asr.errors import AsrError
 from asr.train.data import encode_samples
 from asr.train.main import die_with_parent
 
-Decoded = tuple[int, Sample | None, tuple[str, str] | None]  # (row in the epoch, sample with features, skip)
+# (row in the epoch, sample with features, skip, error): a worker's AsrError travels as data, since the DataLoader
+# re-raises a worker's exception with the worker's traceback folded into its message
+Decoded = tuple[int, Sample | None, tuple[str, str] | None, str | None]
 
 
 def _owned(_row: dict, index: int, rank: int, world: int) -> bool:
@@ -81,13 +83,17 @@ class DecodedRows(IterableDataset):
             if offset % workers != worker:
                 continue
             stats = SkipStats()
-            sample = next(iter_samples([row], stats, default_language=self.language, text_column=self.text_column),
-                          None)
+            try:
+                sample = next(iter_samples([row], stats, default_language=self.language,
+                                           text_column=self.text_column), None)
+            except AsrError as exc:
+                yield self.skip + offset, None, None, str(exc)
+                return
             if sample is not None:
                 features = log_mel(self.feature_extractor, sample.audio)[0].numpy()
                 sample = dataclasses.replace(sample, audio=np.zeros(0, np.float32), features=features)
             skip = next(((reason, names[0]) for reason, names in stats.examples.items()), None)
-            yield self.skip + offset, sample, skip
+            yield self.skip + offset, sample, skip, None
 
 
 def _as_is(item: Decoded) -> Decoded:
@@ -131,7 +137,9 @@ class StreamingBatches:
         # per worker, rows for about two batches ahead of the step
         loader = DataLoader(rows, batch_size=None, collate_fn=_as_is, num_workers=workers, worker_init_fn=_start_worker,
                             prefetch_factor=-(-2 * self.batch_size // workers) if workers else None)
-        for index, sample, skip in loader:
+        for index, sample, skip, error in loader:
+            if error is not None:
+                raise AsrError(error)
             if skip is not None:
                 stats.skip(*skip)
             if sample is not None:
