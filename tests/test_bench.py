@@ -174,3 +174,14 @@ def test_bench_fallback_leaves_the_teacher_alone_and_redecodes_a_broken_student(
     assert (tmp_path / "again" / "clips-pruned+fallback-clips.jsonl").read_text() == rows
     ct2 = bench(tmp_path / "ct2", "--engine", "ct2")
     assert ct2.returncode == 2 and "Hugging Face engine only" in ct2.stderr and "Traceback" not in ct2.stderr
+
+
+def test_bench_without_latency_clips_scores_accuracy_only(tmp_path):
+    """--latency-clips 0 used to crash after the accuracy pass (a percentile of no timings) and lose it."""
+    from asr.bench.run import BenchOptions, run_bench
+
+    folder = _flite_folder(tmp_path / "clips")
+    [record] = run_bench(["whisper-tiny.en"], [str(folder)], tmp_path / "bench",
+                         BenchOptions(latency_clips=0, max_new_tokens=32, threads=1))
+    assert record["n"] == 2 and record["wer"] <= 0.2 and "latency" not in record
+    assert "| whisper-tiny.en | clips | 2 |" in (tmp_path / "bench" / "bench.md").read_text()

@@ -288,7 +288,7 @@ def run_bench(models: Sequence[str], datasets: Sequence[str], out_dir: Path, opt
                                                           data.timed, opts.max_new_tokens,
                                                           assistant_name=model_label(opts.assistant))
         del model
-    for data in loaded:  # all models timed clip by clip in turn: same load, comparable ratios
+    for data in (d for d in loaded if d.timed):  # all models timed clip by clip in turn: comparable ratios
         for (engine, _), summary in zip(engines, interleaved_latency(engines, data.timed, data.label, opts)):
             next(r for r in records if r["model"] == engine.name and r["dataset"] == data.label)["latency"] = summary
     add_ratios(records, teachers)
