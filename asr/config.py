@@ -145,6 +145,9 @@ class TrainConfig:
     share_encoder: bool = True  # frozen identical encoders run once for teacher and student (false: each runs its own)
     zero_stage: Literal[0, 1, 2, 3] = 2
     bf16: bool | Literal["auto"] = False  # auto = on where the hardware has native bf16
+    # batches of examples of similar label length (transformers' grouping, batches in random order): less padding
+    # where lengths vary, e.g. synthetic clips of 1-4 sentences; in-memory training sets only
+    group_by_length: bool = False
     save_every: int = 50
     keep_last: int = 2
     log_every: int = 10

@@ -114,6 +114,9 @@ def check_recipe(recipe: Recipe) -> None:
     if data.streaming and cache:
         raise AsrError("objective.teacher_cache reads every clip's teacher targets into memory; use "
                        "data.streaming=false with it, or the live teacher (objective.teacher_cache=false)")
+    if recipe.train.group_by_length and streaming_of(recipe):
+        raise AsrError("train.group_by_length sorts an in-memory training set; these sets stream (hub data, or "
+                       "data.streaming=true): set data.streaming=false to hold them in memory, or drop group_by_length")
     if data.num_workers < 0:
         raise AsrError(f"data.num_workers must be 0 (load in the training process) or more, got {data.num_workers}")
     from asr.data.real import real_source, refuse_for_training

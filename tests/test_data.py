@@ -262,3 +262,27 @@ def test_training_follows_the_users_hub_setting(monkeypatch):
     assert "HF_HUB_OFFLINE" not in training_env() and "HF_DATASETS_OFFLINE" not in training_env()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert training_env()["HF_HUB_OFFLINE"] == "1"
+
+
+def test_batches_grouped_by_length_pad_less_and_still_cover_every_example_once_per_epoch():
+    """train.group_by_length: clips of 1-4 sentences batched at random pad their labels to the longest of four."""
+    from asr.train.data import batch_indices
+
+    rng = np.random.default_rng(0)
+    lengths = tuple(int(x) for x in rng.integers(1, 5, 240) * 20 + rng.integers(0, 10, 240))
+    n, batch = len(lengths), 4
+
+    def epoch(grouped: bool, seed: int = 3, number: int = 0) -> list[list[int]]:
+        per_epoch = n // batch
+        return [batch_indices(step, n, batch, seed=seed, rank=1, lengths=lengths if grouped else None)
+                for step in range(number * per_epoch, (number + 1) * per_epoch)]
+
+    def padded(batches: list[list[int]]) -> int:  # label positions computed, padding included
+        return sum(batch * max(lengths[i] for i in b) for b in batches)
+
+    grouped, shuffled = epoch(True), epoch(False)
+    assert sorted(sum(grouped, [])) == list(range(n))  # every example once
+    assert padded(grouped) < 0.8 * padded(shuffled)
+    assert grouped == epoch(True) and grouped != epoch(True, number=1)  # deterministic, reshuffled per epoch
+    widths = [max(lengths[i] for i in b) for b in grouped]
+    assert widths != sorted(widths, reverse=True) and widths[:10] != sorted(widths[:10], reverse=True)  # no curriculum

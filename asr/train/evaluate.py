@@ -5,9 +5,10 @@ holding only that stride's audio and encoder states, and rank 0 puts the gathere
 order and scores them, so any world size writes the records a world of one would. The teacher is the one the run
 already holds for KD (one is loaded only for runs without a live teacher).
 
-Latency is timed on rank 0 alone, clip by clip interleaved with the teacher's, and the decoder ratio is taken
-against that paired teacher timing: training runs for hours on a shared machine, so a teacher timing from the
-start of the run would not be comparable with a checkpoint timed later under different load."""
+Latency is timed on one set (the first test set), on rank 0 alone, clip by clip interleaved with the teacher's,
+and the decoder ratio is taken against that paired teacher timing: training runs for hours on a shared machine, so
+a teacher timing from the start of the run would not be comparable with a checkpoint timed later under different
+load."""
 from __future__ import annotations
 
 import json
@@ -43,9 +44,11 @@ class CheckpointBench:
                                  latency_clips=e.latency_clips, warmup=e.warmup)
         real_limit = e.limit if e.real_limit is None else e.real_limit
         refs = [(d, "dev") for d in recipe.data.dev] + [(d, _eval_role(d)) for d in recipe.data.eval]
+        # latency is a property of the model, timed on one set: the first test set (else the first real one)
+        timed = next((i for i, (_, role) in enumerate(refs) if role != "dev"), None)
         self.datasets = [load_eval_samples(d, real_limit if role == "real" else e.limit, recipe.data.fallback_language,
-                                           0 if role == "dev" else e.latency_clips, dist.rank, dist.world)
-                         for d, role in refs]
+                                           e.latency_clips if i == timed else 0, dist.rank, dist.world)
+                         for i, (d, role) in enumerate(refs)]
         self.roles = {data.label: role for (_, role), data in zip(refs, self.datasets)}
         # final/ is chosen on the dev sets; without any, on the test sets (never on real recordings)
         self.chosen_role = "dev" if recipe.data.dev else "test"
@@ -105,7 +108,7 @@ class CheckpointBench:
         torch.set_num_threads(self.opts.threads)  # the other ranks wait at a barrier meanwhile
         try:
             for record, data in zip(rows, self.datasets):
-                if record["role"] != "dev" and data.timed:  # eval.latency_clips=0: accuracy only
+                if data.timed:
                     record.update(self._latency(engine, processor, data))
         finally:
             torch.set_num_threads(threads)
