@@ -261,11 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--fallback", action="store_true",
                        help="also score with Whisper's temperature fallback (compression ratio > 2.4 or mean "
                             "log-prob < -1 re-decodes at T=0.2..1.0), beside plain greedy; HF engine")
-    bench.add_argument("--long-form", action="append", choices=["sequential", "chunked", "short-form"],
+    bench.add_argument("--long-form", action="append",
+                       choices=["sequential", "sequential-fallback", "chunked", "short-form"],
                        help="long-form files (`asr data synth --long`) instead: Whisper's sequential algorithm on "
-                            "the whole input, the HF pipeline's 30 s chunks, or short-form (the files cut at the "
-                            "pauses between their sentences, each piece a short clip: the reference on the same "
-                            "speech); repeat for several")
+                            "the whole input (sequential-fallback: with its temperature fallback), the HF "
+                            "pipeline's 30 s chunks, or short-form (the files cut at the pauses between their "
+                            "sentences, each piece a short clip: the reference on the same speech); repeat for "
+                            "several")
     bench.set_defaults(func=_bench)
 
     bench_tr = sub.add_parser("bench-train", help="training throughput: separate vs shared encoder vs cached teacher")

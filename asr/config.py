@@ -49,7 +49,7 @@ class LongEvalConfig:
 
     sets: list[str] = field(default_factory=list)  # audiofolders or hub ids of long files
     synth: SynthConfig | None = None  # a synthetic set to build, e.g. {split: test, num: 4, seed: 1, long: [60, 180]}
-    algorithms: list[Literal["sequential", "chunked", "short-form"]] = field(
+    algorithms: list[Literal["sequential", "sequential-fallback", "chunked", "short-form"]] = field(
         default_factory=lambda: ["sequential", "chunked"])
     limit: int | None = None  # files per set
 

@@ -115,6 +115,26 @@ def test_bench_long_form_both_algorithms(long_set, tmp_path, capsys):
     assert "Hugging Face engine alone" in capsys.readouterr().err
 
 
+def test_sequential_fallback_resamples_a_looping_student_and_leaves_a_sure_teacher_alone(long_set, tmp_path):
+    """Whisper's temperature fallback in the sequential algorithm (`--long-form sequential-fallback`): windows of
+    the teacher pass its checks, so it reads as greedy; an untrained pruned student loops, so its windows are
+    decoded again by seeded sampling, the same way on every run."""
+    from asr.bench.longform import transcribe_long
+    from asr.bench.run import load_engine, load_eval_samples
+
+    samples = load_eval_samples(str(long_set), None, max_seconds=None).samples
+    prune_to_directory(TEACHER, tmp_path / "pruned", decoder_keep=[0, 3])
+
+    def texts(model: str, algorithm: str) -> str:
+        engine, processor, _ = load_engine(model, "hf", model)
+        return transcribe_long(engine, processor, samples, algorithm, batch_size=1)[0].text
+
+    assert texts(TEACHER, "sequential-fallback") == texts(TEACHER, "sequential")
+    student = str(tmp_path / "pruned")
+    greedy, fallback = texts(student, "sequential"), texts(student, "sequential-fallback")
+    assert fallback != greedy and fallback == texts(student, "sequential-fallback")
+
+
 def test_recipe_long_eval_is_checked():
     data = DataConfig(train=["x"], eval=["y"], long_eval=LongEvalConfig(synth=SynthConfig(split="test", num=2)))
     with pytest.raises(AsrError, match="long_eval.synth.long must be"):

@@ -25,7 +25,12 @@ from asr.errors import AsrError
 from asr.infer.engines import HfEngine
 from asr.infer.transcribe import Hypothesis, language_batches, transcribe
 
-ALGORITHMS = ("sequential", "chunked", "short-form")
+ALGORITHMS = ("sequential", "sequential-fallback", "chunked", "short-form")
+# sequential-fallback: Whisper's sequential algorithm with its temperature fallback, as OpenAI's `transcribe` runs by
+# default: a window whose tokens compress too well (a loop) or score too low is decoded again by sampling at rising
+# temperatures. 1.35 is HF's threshold for its ratio, taken over token bytes (OpenAI's 2.4 is over the text).
+FALLBACK = {"temperature": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "compression_ratio_threshold": 1.35,
+            "logprob_threshold": -1.0}
 CHUNK_S, STRIDE_S = 30.0, 5.0  # the pipeline's chunk and its overlap on each side (HF's default: a sixth)
 EDGE_TOLERANCE_S = 0.1  # timestamps are quantized to 20 ms; a file's end is known to the sample
 GAP_TOLERANCE_S = 1.0  # a predicted gap may exceed the longest pause read by this much before speech was skipped
@@ -45,19 +50,23 @@ def window_tokens(model) -> int:
     return model.config.max_target_positions // 2 - 8
 
 
-def transcribe_sequential(engine: HfEngine, processor, samples: Sequence[Sample], language: str
-                          ) -> list[LongHypothesis]:
-    """Whisper's sequential long-form algorithm on a batch of files of one language, un-truncated."""
+def transcribe_sequential(engine: HfEngine, processor, samples: Sequence[Sample], language: str,
+                          fallback: bool = False) -> list[LongHypothesis]:
+    """Whisper's sequential long-form algorithm on a batch of files of one language, un-truncated; `fallback`:
+    with its temperature fallback (sampling seeded, so a benchmark repeats)."""
     extractor = processor.feature_extractor
     longest = max(len(s.audio) for s in samples)
     features = extractor([s.audio for s in samples], sampling_rate=SAMPLE_RATE, truncation=False,
                          padding="longest" if longest > extractor.n_samples else "max_length",
                          return_attention_mask=True, return_tensors="pt")
+    if fallback:
+        torch.manual_seed(0)
     with torch.inference_mode():
         out = engine.model.generate(features.input_features.to(engine.model.device),
                                     attention_mask=features.attention_mask.to(engine.model.device),
                                     return_timestamps=True, condition_on_prev_tokens=True, return_segments=True,
-                                    max_new_tokens=window_tokens(engine.model), **engine.language_kwargs(language))
+                                    max_new_tokens=window_tokens(engine.model), **engine.language_kwargs(language),
+                                    **(FALLBACK if fallback else {}))
     texts = processor.batch_decode(out["sequences"], skip_special_tokens=True)
     return [LongHypothesis(text.strip(), [(round(float(s["start"]), 2), round(float(s["end"]), 2)) for s in segments])
             for text, segments in zip(texts, out["segments"])]
@@ -127,7 +136,8 @@ def transcribe_long(engine: HfEngine, processor, samples: Sequence[Sample], algo
         if algorithm == "chunked":
             hyps = [transcribe_chunked(engine, pipe, batch[0][1])]
         else:
-            hyps = transcribe_sequential(engine, processor, [s for _, s in batch], batch[0][1].language)
+            hyps = transcribe_sequential(engine, processor, [s for _, s in batch], batch[0][1].language,
+                                         fallback=algorithm == "sequential-fallback")
         out.update((i, hyp) for (i, _), hyp in zip(batch, hyps))
         if progress is not None:
             progress(len(batch))
