@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from asr.config import LONG_FORM_ALGORITHMS
 from asr.errors import AsrError
 
 
@@ -262,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also score with Whisper's temperature fallback (compression ratio > 2.4 or mean "
                             "log-prob < -1 re-decodes at T=0.2..1.0), beside plain greedy; HF engine")
     bench.add_argument("--long-form", action="append",
-                       choices=["sequential", "sequential-fallback", "chunked", "short-form"],
+                       choices=LONG_FORM_ALGORITHMS,
                        help="long-form files (`asr data synth --long`) instead: Whisper's sequential algorithm on "
                             "the whole input (sequential-fallback: with its temperature fallback), the HF "
                             "pipeline's 30 s chunks, or short-form (the files cut at the pauses between their "

@@ -17,6 +17,9 @@ import yaml
 from asr.errors import AsrError
 
 
+# `asr bench --long-form` and data.long_eval.algorithms (asr.bench.longform)
+LONG_FORM_ALGORITHMS = ("sequential", "sequential-fallback", "chunked", "short-form")
+
 @dataclass
 class PruneConfig:
     """Which teacher decoder layers the student keeps (`keep` wins over `num_layers`)."""
@@ -49,7 +52,7 @@ class LongEvalConfig:
 
     sets: list[str] = field(default_factory=list)  # audiofolders or hub ids of long files
     synth: SynthConfig | None = None  # a synthetic set to build, e.g. {split: test, num: 4, seed: 1, long: [60, 180]}
-    algorithms: list[Literal["sequential", "sequential-fallback", "chunked", "short-form"]] = field(
+    algorithms: list[Literal[LONG_FORM_ALGORITHMS]] = field(
         default_factory=lambda: ["sequential", "chunked"])
     limit: int | None = None  # files per set
 

@@ -20,12 +20,13 @@ from tqdm import tqdm
 
 from asr.bench.outputs import longform_table
 from asr.bench.run import BenchOptions, clip_rows, load_engine, load_eval_samples, model_labels, score, write_clips
+from asr.config import LONG_FORM_ALGORITHMS
 from asr.data.loading import SAMPLE_RATE, Sample
 from asr.errors import AsrError
 from asr.infer.engines import HfEngine
 from asr.infer.transcribe import Hypothesis, language_batches, transcribe
 
-ALGORITHMS = ("sequential", "sequential-fallback", "chunked", "short-form")
+ALGORITHMS = LONG_FORM_ALGORITHMS
 # sequential-fallback: Whisper's sequential algorithm with its temperature fallback, as OpenAI's `transcribe` runs by
 # default: a window whose tokens compress too well (a loop) or score too low is decoded again by sampling at rising
 # temperatures. 1.35 is HF's threshold for its ratio, taken over token bytes (OpenAI's 2.4 is over the text).
