@@ -257,9 +257,10 @@ def test_sweep_runs_one_directory_per_value_as_job_arrays(cluster, tmp_path, mic
         assert json.loads(next(iter((run / "metrics.jsonl").read_text().splitlines())))["lr"] == lr
 
 
-def test_pseudo_labels_in_one_srun_step_over_the_allocation(cluster, tmp_path, speech_folder):
+def test_pseudo_labels_in_one_srun_step_over_the_allocation(cluster, tmp_path, monkeypatch, speech_folder):
     """The prepare job of a recipe that pseudo-labels holds both nodes; the teacher labels in one srun step of two
     tasks, each the rows of its stride, the job then finishes the folder once, and training uses it."""
+    monkeypatch.setenv("ASR_CACHE", str(tmp_path / "cache"))  # a folder labelled by an earlier run would be reused
     recipe = write_pseudo_label_recipe(tmp_path / "r.yaml", "whisper-tiny.en", speech_folder)
     run = tmp_path / "run"
     jobs = submit(run, str(recipe), "--nodes", "2", "--procs-per-node", "1")
