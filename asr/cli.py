@@ -37,7 +37,8 @@ def _data_synth(args: argparse.Namespace) -> None:
 
     build_corpus(Path(args.out), split=args.split, num=args.num, seed=args.seed, workers=args.workers,
                  languages=tuple(args.languages.split(",")), sentences=_pair(args.sentences, int, "--sentences"),
-                 long_s=None if args.long is None else _pair(args.long, float, "--long"))  # prints a summary
+                 long_s=None if args.long is None else _pair(args.long, float, "--long"),
+                 windows=args.windows)  # prints a summary
 
 
 def _pair(text: str, kind: type, flag: str) -> tuple:
@@ -214,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--long", nargs="?", const="60,180", metavar="LOW,HIGH",
                        help="long-form files of LOW..HIGH seconds (default 60,180): consecutive sentences in one "
                             "voice with pauses, for `asr bench --long-form`")
+    synth.add_argument("--windows", type=float, default=0.0, metavar="SHARE",
+                       help="share of clips (0..1) that are the first 30 s of a reading, cut inside a sentence "
+                            "(training for sequential long-form decoding: the open sentence's start time is the label)")
     synth.set_defaults(func=_data_synth)
     real = data.add_parser("real", help="real human recordings for evaluation (Debian packages, offline)")
     real.add_argument("--lang", required=True, help="a language of data/real.yaml: it or ru")
@@ -265,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--long-form", action="append",
                        choices=LONG_FORM_ALGORITHMS,
                        help="long-form files (`asr data synth --long`) instead: Whisper's sequential algorithm on "
-                            "the whole input (sequential-fallback: with its temperature fallback), the HF "
+                            "the whole input (sequential-fallback: with its temperature fallback; "
+                            "sequential-independent: no window prompted with the previous one's text), the HF "
                             "pipeline's 30 s chunks, or short-form (the files cut at the pauses between their "
                             "sentences, each piece a short clip: the reference on the same speech); repeat for "
                             "several")

@@ -18,7 +18,7 @@ from asr.errors import AsrError
 
 
 # `asr bench --long-form` and data.long_eval.algorithms (asr.bench.longform)
-LONG_FORM_ALGORITHMS = ("sequential", "sequential-fallback", "chunked", "short-form")
+LONG_FORM_ALGORITHMS = ("sequential", "sequential-fallback", "sequential-independent", "chunked", "short-form")
 
 @dataclass
 class PruneConfig:
@@ -43,6 +43,7 @@ class SynthConfig:
     # sentences per clip [low, high], one voice with pauses: several sentences share one 30 s encoder window
     sentences: list[int] = field(default_factory=lambda: [1, 1])
     long: list[float] | None = None  # [low, high] s: long-form files of consecutive sentences (`--long`)
+    windows: float = 0.0  # share of clips that are 30 s windows cut from a reading (`--windows`), for long-form
 
 
 @dataclass

@@ -32,12 +32,13 @@ def synth_dataset(spec: SynthConfig) -> str:
     digest = corpus_digest(load_synth_config())
     packed = "" if spec.sentences == [1, 1] else f"-p{spec.sentences[0]}-{spec.sentences[1]}"
     packed += f"-L{spec.long[0]:g}-{spec.long[1]:g}" if spec.long else ""
+    packed += f"-w{spec.windows:g}" if spec.windows else ""
     name = f"{spec.split}-n{spec.num}-s{spec.seed}-{'-'.join(spec.languages)}{packed}-c{digest}"
     out = cache_dir() / "synth" / name
     if not (out / "metadata.csv").is_file() or len((out / "metadata.csv").read_text().splitlines()) <= spec.num:
         build_corpus(out, split=spec.split, num=spec.num, seed=spec.seed, languages=tuple(spec.languages),
                      sentences=(spec.sentences[0], spec.sentences[1]),
-                     long_s=(spec.long[0], spec.long[1]) if spec.long else None)
+                     long_s=(spec.long[0], spec.long[1]) if spec.long else None, windows=spec.windows)
     return str(out)
 
 
@@ -99,6 +100,9 @@ def check_recipe(recipe: Recipe) -> None:
         if spec is not None and spec.long is not None:
             raise AsrError(f"data.{key}.long: long-form files do not fit a 30 s window; name them in "
                            "data.long_eval.synth instead")
+        if spec is not None and not (0 <= spec.windows <= 1 and (key == "synth_train" or not spec.windows)):
+            raise AsrError(f"data.{key}.windows={spec.windows}: the share of training clips cut from a reading is "
+                           "in [0, 1], and only for synth_train (a cut clip's last words are in no transcript)")
     long = data.long_eval
     if long is not None:
         if not (long.sets or long.synth) or not long.algorithms:

@@ -179,6 +179,33 @@ def test_timestamped_and_prompted_layout_masks_the_prompt_and_the_teacher_reads_
     assert first.argmax().item() <= 50  # with <|notimestamps|> suppressed, it opens within the first second
 
 
+def test_a_window_cut_inside_a_sentence_ends_on_its_start_time_and_reads_its_own_previous_text(speech):
+    """Whisper's label for a sentence the window cuts: its start time alone, then eot (the next window starts
+    there). Such a clip is always timestamped, and its prompt is the sentences read before it, timed as the window
+    before saw them (as sequential decoding prompts), not another clip's text."""
+    from asr.data.features import LayoutPolicy, label_layout, timed_ids, timestamp_token
+    from asr.train.data import encode_samples
+
+    processor, gen = load_processor("whisper-base"), load_whisper("whisper-base").generation_config
+    tok = processor.tokenizer
+    segments = [(0.5, 2.0, "Close the door."), (2.6, None, "Then open the window")]
+    ids, labels = label_layout(tok, gen, "Close the door.", "en", segments)
+    words = tok(" Close the door.", add_special_tokens=False).input_ids
+    assert [t for t in labels if t != IGNORE_INDEX] == [timestamp_token(gen, 0.5), *words, timestamp_token(gen, 2.0),
+                                                        timestamp_token(gen, 2.6), gen.eos_token_id]
+    audio = sf.read(speech, dtype="float32")[0]
+    earlier = [(24.0, 26.5, "It was late."), (27.1, 29.6, "Nobody came.")]
+    cut = [Sample(f"w{i}", audio, "Close the door.", "en", segments=segments, previous=earlier) for i in range(40)]
+    whole = Sample("plain", audio, "Close the door.", "en", segments=segments[:1])
+    assert all(LayoutPolicy().draw(s, None)[0] for s in cut)  # the open segment needs the timestamped layout
+    encoded = list(encode_samples([whole, *cut], processor, gen, 440, SkipStats(), LayoutPolicy(1.0, 1.0)))
+    prompt = timed_ids(tok, gen, earlier)
+    assert prompt[0] == timestamp_token(gen, 24.0) and prompt[-1] == timestamp_token(gen, 29.6)
+    assert tok.decode([t for t in prompt if t < gen.no_timestamps_token_id]) == " It was late. Nobody came."
+    assert all(e.prompted and e.decoder_input_ids[1:1 + len(prompt)] == prompt for e in encoded[1:])
+    assert not encoded[0].prompted  # the first clip has no text before it
+
+
 def test_layout_policy_defaults_to_distil_whispers_rates_only_where_times_are_known():
     from asr.data.features import LayoutPolicy
 
@@ -197,6 +224,9 @@ def test_layout_policy_defaults_to_distil_whispers_rates_only_where_times_are_kn
     ('[[0.1, 1.0, "a b"], [0.5, 2.0, "c"]]', False),  # overlapping
     ('[[0.1, 1.0, "a b"], [1.5, 9.0, "c"]]', False),  # past the audio
     ('[[0.1, 1.0, "a b"]]', False),  # does not spell the transcript
+    ('[[0.1, 1.0, "a b"], [1.5, 2.0, "c"], [2.5, null, "d e"]]', True),  # the last one cut by the clip's end
+    ('[[0.1, 1.0, "a b"], [1.5, null, "c"]]', False),  # an open segment's text is not in the transcript
+    ('[[0.1, null, "a b"], [1.5, 2.0, "c"]]', False),  # only the last may be open
     ("not json", False), ("", False),
 ])
 def test_segments_column_is_used_only_when_consistent(value, ok):

@@ -135,6 +135,30 @@ def test_sequential_fallback_resamples_a_looping_student_and_leaves_a_sure_teach
     assert fallback != greedy and fallback == texts(student, "sequential-fallback")
 
 
+def test_sequential_independent_prompts_no_window_with_the_text_before_it(long_set):
+    """`--long-form sequential-independent`: the same windows, none prompted with <|startofprev|> and the text
+    decoded before it, where `sequential` prompts every window after the first."""
+    from asr.bench.longform import transcribe_long
+    from asr.bench.run import load_engine, load_eval_samples
+
+    samples = load_eval_samples(str(long_set), None, max_seconds=None).samples
+    assert len(samples[0].audio) > 30 * 16000  # more than one window
+    engine, processor, _ = load_engine(TEACHER, "hf", TEACHER)
+    prev = engine.model.generation_config.prev_sot_token_id
+    prompted: list[bool] = []
+    hook = engine.model.model.decoder.register_forward_pre_hook(
+        lambda _, args, kwargs: prompted.append(prev in kwargs["input_ids"][0].tolist()), with_kwargs=True)
+    try:
+        runs = {}
+        for algorithm in ("sequential", "sequential-independent"):
+            prompted.clear()
+            runs[algorithm] = (transcribe_long(engine, processor, samples, algorithm, batch_size=1)[0], any(prompted))
+    finally:
+        hook.remove()
+    assert runs["sequential"][1] and not runs["sequential-independent"][1]
+    assert len(runs["sequential-independent"][0].segments) >= 2 and runs["sequential-independent"][0].text
+
+
 def test_recipe_long_eval_is_checked():
     data = DataConfig(train=["x"], eval=["y"], long_eval=LongEvalConfig(synth=SynthConfig(split="test", num=2)))
     with pytest.raises(AsrError, match="long_eval.synth.long must be"):

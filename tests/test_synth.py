@@ -267,6 +267,40 @@ def test_packed_clips_speak_several_sentences_in_one_voice_within_the_window(tmp
         build_corpus(tmp_path / "x", "train", num=1, seed=5, sentences=(3, 2), progress=False)
 
 
+def test_windows_are_30_s_of_a_reading_cut_inside_a_sentence_whose_start_alone_is_timed(tmp_path):
+    """`windows`: what Whisper's sequential decoding hands the model. 30 s of consecutive sentences, the one the
+    window cuts left open (its start, no end, its text not in the transcript), the reading's earlier sentences in
+    `previous`, timed as the window before saw them (ending where this one begins); the other clips stay whole."""
+    build_corpus(tmp_path / "w", "train", num=6, seed=3, workers=1, augment_fraction=0.0, sentences=(1, 2),
+                 windows=0.5, progress=False)
+    base, texts = Path(CFG["_path"]).parent, CFG["splits"]
+    pool = [s for s, _ in load_pools(texts["train"]["texts"]["en"], base,
+                                     exclude=[s for s, _ in load_pools(texts["test"]["texts"]["en"], base)])]
+    rows = read_rows(tmp_path / "w")
+    cut = [r for r in rows if r["previous"]]
+    assert 1 <= len(cut) <= 5
+    for row in cut:
+        assert float(row["duration"]) == 30.0
+        segments = timed_segments(row["segments"], row["transcription"], 30.0)
+        assert segments is not None and segments[-1][1] is None and len(segments) >= 2
+        spoken = [t for _, _, t in segments]
+        assert row["transcription"] == " ".join(spoken[:-1])
+        earlier = timed_segments(row["previous"], None, 30.0)
+        assert earlier is not None and 20.0 < earlier[-1][1] < 30.0 and earlier[0][0] >= 0.0
+        told = [t for _, _, t in earlier]
+        read = [i for i in range(len(told), len(pool)) if pool[i - len(told):i + len(spoken)] == told + spoken]
+        assert read, (told, spoken)  # the earlier sentences and the window's are one reading, in order
+        audio, _ = sf.read(tmp_path / "w" / row["file_name"], dtype="float32")
+        start = int(segments[-1][0] * SR)
+        assert np.abs(audio[start:start + 1600]).max() > 0.1 and start < len(audio) - 0.04 * SR  # cut in speech
+    for row in (r for r in rows if not r["previous"]):
+        segments = timed_segments(row["segments"], row["transcription"], float(row["duration"]))
+        assert segments is not None and None not in [end for _, end, _ in segments]
+        assert float(row["duration"]) <= CFG["max_duration_s"] - 1.0
+    with pytest.raises(AsrError, match="windows"):
+        build_corpus(tmp_path / "x", "test", num=1, seed=5, windows=0.5, long_s=(60, 90), progress=False)
+
+
 def test_segment_times_follow_a_speed_change(tmp_path):
     cfg = yaml.safe_load(Path(CFG["_path"]).read_text())
     cfg["augment"] = {"speed": {"p": 1.0, "factor": [0.8, 0.8]}}

@@ -30,6 +30,8 @@ ALGORITHMS = LONG_FORM_ALGORITHMS
 # sequential-fallback: Whisper's sequential algorithm with its temperature fallback, as OpenAI's `transcribe` runs by
 # default: a window whose tokens compress too well (a loop) or score too low is decoded again by sampling at rising
 # temperatures. 1.35 is HF's threshold for its ratio, taken over token bytes (OpenAI's 2.4 is over the text).
+# sequential-independent: each window decoded without the previous window's text (HF generate's default,
+# condition_on_prev_tokens=False): a student that loops on its own earlier text reads on without it.
 FALLBACK = {"temperature": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "compression_ratio_threshold": 1.35,
             "logprob_threshold": -1.0}
 CHUNK_S, STRIDE_S = 30.0, 5.0  # the pipeline's chunk and its overlap on each side (HF's default: a sixth)
@@ -52,9 +54,10 @@ def window_tokens(model) -> int:
 
 
 def transcribe_sequential(engine: HfEngine, processor, samples: Sequence[Sample], language: str,
-                          fallback: bool = False) -> list[LongHypothesis]:
+                          fallback: bool = False, condition: bool = True) -> list[LongHypothesis]:
     """Whisper's sequential long-form algorithm on a batch of files of one language, un-truncated; `fallback`:
-    with its temperature fallback (sampling seeded, so a benchmark repeats)."""
+    with its temperature fallback (sampling seeded, so a benchmark repeats); `condition`: each window prompted
+    with the text decoded before it."""
     extractor = processor.feature_extractor
     longest = max(len(s.audio) for s in samples)
     features = extractor([s.audio for s in samples], sampling_rate=SAMPLE_RATE, truncation=False,
@@ -65,7 +68,7 @@ def transcribe_sequential(engine: HfEngine, processor, samples: Sequence[Sample]
     with torch.inference_mode():
         out = engine.model.generate(features.input_features.to(engine.model.device),
                                     attention_mask=features.attention_mask.to(engine.model.device),
-                                    return_timestamps=True, condition_on_prev_tokens=True, return_segments=True,
+                                    return_timestamps=True, condition_on_prev_tokens=condition, return_segments=True,
                                     max_new_tokens=window_tokens(engine.model), **engine.language_kwargs(language),
                                     **(FALLBACK if fallback else {}))
     texts = processor.batch_decode(out["sequences"], skip_special_tokens=True)
@@ -138,7 +141,8 @@ def transcribe_long(engine: HfEngine, processor, samples: Sequence[Sample], algo
             hyps = [transcribe_chunked(engine, pipe, batch[0][1])]
         else:
             hyps = transcribe_sequential(engine, processor, [s for _, s in batch], batch[0][1].language,
-                                         fallback=algorithm == "sequential-fallback")
+                                         fallback=algorithm == "sequential-fallback",
+                                         condition=algorithm != "sequential-independent")
         out.update((i, hyp) for (i, _), hyp in zip(batch, hyps))
         if progress is not None:
             progress(len(batch))

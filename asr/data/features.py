@@ -5,7 +5,10 @@ Labels follow the teacher-forcing layout Whisper was trained with: the decoder r
 positions are masked out of the loss (-100), as is padding, so the loss covers exactly the transcript and eot.
 Two variants teach what Whisper's long-form decoding needs (as distil-whisper trains them): timestamped targets
 `[sot, lang, transcribe, <|t0|> text <|t1|> <|t2|> text <|t3|> ..., eot]` where the clip's sentences are timed,
-and a previous-text prompt `[<|startofprev|> previous text..., sot, ...]`, masked out like the prefix.
+and a previous-text prompt `[<|startofprev|> previous text..., sot, ...]` (timed, `<|t|> text <|t|> ...`, where the
+clip was cut from a reading, as sequential decoding prompts a window with the one before), masked out. A clip
+that cuts its last sentence (a 30 s window of a reading) ends on that sentence's start time alone,
+`... <|t3|> <|t4|> eot`, Whisper's label for "the next window starts here".
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from asr.models.loading import prompt_ids
 IGNORE_INDEX = -100  # the label of positions every loss skips (PyTorch's cross-entropy default)
 TIME_STEP_S = 0.02  # Whisper's timestamp resolution
 MAX_PREVIOUS_TOKENS = 223  # Whisper's prompt limit: half the decoder window, less <|startofprev|>
+Prompt = str | Sequence[tuple[float, float, str]]  # earlier text, plain or timed as the window before saw it
 DISTIL_PROBABILITY = 0.2  # distil-whisper's --timestamp_probability and --condition_on_prev_probability
 
 
@@ -51,23 +55,33 @@ def timestamp_token(generation_config, seconds: float) -> int:
     return generation_config.no_timestamps_token_id + 1 + steps
 
 
+def timed_ids(tokenizer, generation_config, segments: Sequence[tuple[float, float | None, str]]) -> list[int]:
+    """`<|start|> text <|end|>` per segment; an open one (end None, cut by the clip) is its start time alone."""
+    ids: list[int] = []
+    for start, end, words in segments:
+        if end is None:
+            return ids + [timestamp_token(generation_config, start)]
+        ids += [timestamp_token(generation_config, start), *tokenizer(" " + words, add_special_tokens=False).input_ids,
+                timestamp_token(generation_config, end)]
+    return ids
+
+
 def label_layout(tokenizer, generation_config, text: str, language: str,
-                 segments: Sequence[tuple[float, float, str]] | None = None,
-                 previous: str | None = None) -> tuple[list[int], list[int]]:
+                 segments: Sequence[tuple[float, float | None, str]] | None = None,
+                 previous: Prompt | None = None) -> tuple[list[int], list[int]]:
     """(decoder_input_ids, labels) of a transcript: the teacher-forcing layout every objective is computed on.
     `segments` (start_s, end_s, text): timestamped targets instead of `text`; `previous`: a prompt of earlier
-    text (its last MAX_PREVIOUS_TOKENS tokens), which the loss does not cover."""
+    text, or of timed sentences as sequential decoding prompts a window with the one before (its last
+    MAX_PREVIOUS_TOKENS tokens), which the loss does not cover."""
     prefix = prompt_ids(tokenizer, generation_config, language)
     if segments is None:
         body = tokenizer(" " + text, add_special_tokens=False).input_ids
     else:
-        prefix, body = prefix[:-1], []  # no <|notimestamps|>
-        for start, end, words in segments:
-            body += [timestamp_token(generation_config, start),
-                     *tokenizer(" " + words, add_special_tokens=False).input_ids,
-                     timestamp_token(generation_config, end)]
+        prefix, body = prefix[:-1], timed_ids(tokenizer, generation_config, segments)  # no <|notimestamps|>
     if previous:
-        earlier = tokenizer(" " + previous.strip(), add_special_tokens=False).input_ids[-MAX_PREVIOUS_TOKENS:]
+        earlier = tokenizer(" " + previous.strip(), add_special_tokens=False).input_ids \
+            if isinstance(previous, str) else timed_ids(tokenizer, generation_config, previous)
+        earlier = earlier[-MAX_PREVIOUS_TOKENS:]
         prefix = [generation_config.prev_sot_token_id, *earlier, *prefix]
     sequence = prefix + body + [generation_config.eos_token_id]
     labels = [IGNORE_INDEX] * (len(prefix) - 1) + sequence[len(prefix):]
@@ -77,25 +91,26 @@ def label_layout(tokenizer, generation_config, text: str, language: str,
 @dataclass(frozen=True)
 class LayoutPolicy:
     """How often a training sample gets timestamped targets or a previous-text prompt. None: distil-whisper's
-    0.2 for a sample whose sentences are timed (`segments`), 0 for one without (it has no times to teach)."""
+    0.2 for a sample whose sentences are timed (`segments`), 0 for one without (it has no times to teach). A clip
+    that cuts its last sentence is always timestamped: only the timestamped layout can say where the cut words are."""
 
     timestamp_probability: float | None = None
     condition_on_prev_probability: float | None = None
     seed: int = 0
 
-    def draw(self, sample: Sample, previous: str | None) -> tuple[bool, str | None]:
+    def draw(self, sample: Sample, previous: Prompt | None) -> tuple[bool, Prompt | None]:
         """(timestamped?, prompt text or None) for one sample: fixed by (seed, sample id), not by the order."""
         default = DISTIL_PROBABILITY if sample.segments else 0.0
         p_ts = default if self.timestamp_probability is None else self.timestamp_probability
         p_prev = default if self.condition_on_prev_probability is None else self.condition_on_prev_probability
         rng = np.random.default_rng([self.seed, zlib.crc32(sample.id.encode())])
-        timestamped = bool(sample.segments) and bool(rng.random() < p_ts)
+        timestamped = bool(sample.segments) and (bool(rng.random() < p_ts) or sample.segments[-1][1] is None)
         prompted = previous if previous and rng.random() < p_prev else None
         return timestamped, prompted
 
 
 def encode_sample(sample: Sample, processor, generation_config, max_label_tokens: int = 440,
-                  timestamped: bool = False, previous: str | None = None) -> Encoded | None:
+                  timestamped: bool = False, previous: Prompt | None = None) -> Encoded | None:
     """Features and labels for one sample; None when the transcript is too long for the decoder."""
     decoder_input_ids, labels = label_layout(processor.tokenizer, generation_config, sample.text, sample.language,
                                              sample.segments if timestamped else None, previous)

@@ -34,7 +34,11 @@ class Sample:
     text: str
     language: str
     path: str | None = None  # the audio file it was decoded from (None for in-memory bytes)
-    segments: list[tuple[float, float, str]] | None = None  # timed sentences, when the dataset knows them
+    # timed sentences, when the dataset knows them; the last one's end None: the clip cuts it (`asr data synth
+    # --windows`), so its text is not in `text`
+    segments: list[tuple[float, float | None, str]] | None = None
+    # the sentences read before the clip, timed as the window before it, when it was cut from a reading: its prompt
+    previous: list[tuple[float, float, str]] | None = None
     features: np.ndarray | None = None  # its log-mel, when computed ahead by a loading worker (audio dropped)
 
 
@@ -267,19 +271,25 @@ def iter_samples(ds, stats: SkipStats, default_language: str = "en", limit: int 
         segments = timed_segments(row.get(f"{text_column}_segments" if text_column else "segments"),
                                   str(text).strip(), wave.size / SAMPLE_RATE)  # the times of this transcript
         yield Sample(id=Path(source).name, audio=wave, text=str(text).strip(), language=language,
-                     path=data if isinstance(data, str) else None, segments=segments)
+                     path=data if isinstance(data, str) else None, segments=segments,
+                     previous=timed_segments(row.get("previous"), None, 30.0))
 
 
-def timed_segments(value, text: str, duration: float) -> list[tuple[float, float, str]] | None:
+def timed_segments(value, text: str | None, duration: float) -> list[tuple[float, float | None, str]] | None:
     """The `segments` column (JSON [[start_s, end_s, text], ...], as `asr data synth` writes it) when it is
-    consistent with the transcript and the audio: ordered, inside the clip, and spelling the transcript."""
+    consistent with the transcript and the audio: ordered, inside the clip, and spelling the transcript (`text`
+    None: any). The last segment may be open (end null: the clip cuts it), its text then not in the transcript."""
     try:
-        segments = [(float(a), float(b), str(t)) for a, b, t in json.loads(value)] if value else None
+        segments = [(float(a), None if b is None else float(b), str(t)) for a, b, t in json.loads(value)] \
+            if value else None
     except (TypeError, ValueError):
         return None
-    if not segments or " ".join(t for _, _, t in segments) != text:
+    if not segments or None in [b for _, b, _ in segments[:-1]]:
         return None
-    edges = [x for a, b, _ in segments for x in (a, b)]
+    closed = segments if segments[-1][1] is not None else segments[:-1]
+    if text is not None and " ".join(t for _, _, t in closed) != text:
+        return None
+    edges = [x for a, b, _ in segments for x in (a, b) if x is not None]
     if edges != sorted(edges) or edges[0] < 0 or edges[-1] > duration + 0.05:
         return None
     return segments

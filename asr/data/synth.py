@@ -32,10 +32,12 @@ from asr.errors import AsrError
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "data" / "synthetic.yaml"
 SPLITS = ("train", "test")
 COLUMNS = ["file_name", "transcription", "language", "voice", "voice_params", "source", "augment", "duration",
-           "segments"]
+           "segments", "previous"]
 MANIFEST = "synth.json"
 PAUSE_S = (0.2, 0.8)  # silence between the sentences of a multi-sentence clip
-CORPUS_FORMAT = 2  # bump when a build's columns or audio change for the same yaml (2: the `segments` column)
+CORPUS_FORMAT = 3  # bump when a build's columns or audio change for the same yaml (2: `segments`, 3: `previous`)
+WINDOW_S = 30.0  # Whisper's window: a cut clip is exactly one, as sequential long-form decoding hands the model
+WINDOW_PREVIOUS = 6  # sentences read before a cut window, timed as the window before it: its `previous` prompt
 FilterFn = Callable[[np.ndarray, str], bool]
 
 
@@ -90,6 +92,7 @@ class _Job:
     filter_fn: FilterFn | None = None
     sentences: tuple[int, int] = (1, 1)  # sentences per clip, drawn uniformly: one voice, pauses between
     long_s: tuple[float, float] | None = None  # long-form files: a length in [low, high] s drawn per file
+    windows: float = 0.0  # share of clips that are 30 s windows cut from a longer reading (`_cut_window`)
 
     @property
     def sample_rate(self) -> int:
@@ -113,19 +116,24 @@ def _plan_clip(job: _Job, index: int, attempt: int) -> tuple[dict[str, Any], np.
     for key in ("rate", "pitch"):
         if key in entry:
             spec[key] = round(float(rng.uniform(*entry[key])), 2)
-    pool, target_s = job.pools[lang], None
-    if job.long_s:  # a reading: consecutive sentences from a random start, more than any target needs
-        target_s = round(float(rng.uniform(*job.long_s)), 1)
+    pool, target_s, previous = job.pools[lang], None, []
+    window = bool(job.windows) and bool(rng.random() < job.windows)  # no draw without windows: older builds stay
+    if job.long_s or window:  # a reading: consecutive sentences from a random start, more than any target needs
+        # a window reads on past 30 s even if augmentation speeds it up by a tenth, so that its cut falls in speech
+        target_s = WINDOW_S / 0.9 if window else round(float(rng.uniform(*job.long_s)), 1)
         first = int(rng.integers(len(pool)))
-        drawn = [pool[(first + k) % len(pool)] for k in range(int(job.long_s[1]))]
+        drawn = [pool[(first + k) % len(pool)] for k in range(int(target_s))]
+        previous = [pool[(first - k) % len(pool)][0] for k in range(WINDOW_PREVIOUS, 0, -1)] if window else []
     else:
         low, high = job.sentences
         count = low if low == high else int(rng.integers(low, high + 1))  # no draw at (1, 1): one-sentence builds
         drawn = [pool[int(rng.integers(len(pool)))] for _ in range(count)]  # stay byte-identical to earlier ones
     pauses = [round(float(rng.uniform(*PAUSE_S)), 2) for _ in drawn[1:]]
+    previous_pauses = [round(float(rng.uniform(*PAUSE_S)), 2) for _ in previous]
     augment = bool(rng.random() < job.augment_fraction)
     plan = {"index": index, "lang": lang, "spec": spec, "texts": [t for t, _ in drawn], "pauses": pauses,
-            "sources": [src for _, src in drawn], "augment": augment, "target_s": target_s}
+            "sources": [src for _, src in drawn], "augment": augment, "target_s": target_s, "window": window,
+            "previous": previous, "previous_pauses": previous_pauses}
     return plan, rng
 
 
@@ -146,7 +154,7 @@ def _speak(job: _Job, plan: dict[str, Any]) -> np.ndarray:
     that would push the clip past its upper bound (less a second for augmentation) are left out, and so is their
     text; a long-form file also stops once it reaches its target length.
     Sets plan["segments"]: [start_s, end_s, text] per sentence, known from the construction (timestamp labels)."""
-    limit = (job.duration_bounds[1] - 1.0) * job.sample_rate
+    limit = float("inf") if plan["window"] else (job.duration_bounds[1] - 1.0) * job.sample_rate
     target = plan["target_s"] * job.sample_rate if plan["target_s"] else float("inf")
     parts: list[np.ndarray] = []
     segments: list[list] = []
@@ -168,11 +176,44 @@ def _speak(job: _Job, plan: dict[str, Any]) -> np.ndarray:
     return np.concatenate(parts)
 
 
+def _cut_window(plan: dict[str, Any], audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """The first 30 s of a reading, as Whisper's sequential decoding sees a window. A sentence the cut falls in
+    is left open: [start_s, None, text], which teaches Whisper's label for it (its start time alone: the next
+    window begins there); its text leaves the transcript. Sentences after the cut are dropped."""
+    kept, closed = [], []
+    for start, end, text in plan["segments"]:
+        if end <= WINDOW_S:
+            kept.append([start, end, text])
+            closed.append(text)
+        elif start < WINDOW_S - 2 * 0.02:  # at least one timestamp step of its speech inside
+            kept.append([start, None, text])
+            break
+        else:
+            break
+    plan["segments"] = kept if closed else []
+    plan["text"], plan["texts"] = " ".join(closed), [t for _, _, t in kept]
+    return audio[:int(WINDOW_S * sample_rate)]
+
+
+def _timed_previous(job: _Job, plan: dict[str, Any]) -> list[list]:
+    """The sentences read before a cut window, spoken and timed as the window before it saw them (it ends where
+    this one begins): the prompt sequential decoding gives this window is that window's timestamped text."""
+    segments, t = [], 0.0
+    for text, pause in zip(plan["previous"], plan["previous_pauses"]):
+        speech = _peak_normalize(synthesize(plan["spec"], text, job.sample_rate))
+        onset, offset = _speech_extent(speech)
+        segments.append([t + onset / job.sample_rate, t + offset / job.sample_rate, text])
+        t += len(speech) / job.sample_rate + pause
+    shift = WINDOW_S - t
+    return [[round(a + shift, 2), round(b + shift, 2), text] for a, b, text in segments if a + shift >= 0]
+
+
 def _attempt(job: _Job, plan: dict[str, Any], rng: np.random.Generator) -> tuple[np.ndarray, str] | str:
     """One try at a clip: its final audio and augmentation description, or the reason it was rejected."""
     cfg = job.cfg
     try:
         audio = _speak(job, plan)
+        plan["timed_previous"] = _timed_previous(job, plan)
     except SynthesisFailed:
         return "tts_failed"
     if float(np.sqrt(np.mean(audio**2))) < float(cfg.get("min_rms", 0.01)):
@@ -182,6 +223,10 @@ def _attempt(job: _Job, plan: dict[str, Any], rng: np.random.Generator) -> tuple
         audio, described, scale = random_augment(audio, job.sample_rate, rng, cfg.get("augment") or {})
         audio = _peak_normalize(audio)
         plan["segments"] = [[start * scale, end * scale, text] for start, end, text in plan["segments"]]
+    if plan["window"]:
+        audio = _cut_window(plan, audio, job.sample_rate)
+        if not plan["segments"]:
+            return "too_long"  # its first sentence outlasts the window
     duration, (shortest, longest) = len(audio) / job.sample_rate, job.duration_bounds
     if duration < shortest:
         return "too_short"
@@ -216,7 +261,9 @@ def _write_clip(job: _Job, plan: dict[str, Any], audio: np.ndarray, augment: str
             "voice": voice_id(plan["spec"]), "voice_params": params,
             "source": " ".join(dict.fromkeys(plan["sources"][:len(plan["texts"])])),
             "augment": augment, "duration": f"{len(pcm) / job.sample_rate:.3f}",
-            "segments": json.dumps([[round(a, 2), round(b, 2), t] for a, b, t in plan["segments"]], ensure_ascii=False)}
+            "segments": json.dumps([[round(a, 2), None if b is None else round(b, 2), t] for a, b, t in plan["segments"]],
+                                   ensure_ascii=False),
+            "previous": json.dumps(plan["timed_previous"], ensure_ascii=False) if plan["timed_previous"] else ""}
 
 
 _WORKER_JOB: _Job | None = None
@@ -302,7 +349,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def _prepare_job(out: Path, split: str, seed: int, languages: Sequence[str], augment_fraction: float | None,
                  filter_fn: FilterFn | None, config_path: str | Path | None, workers: int,
-                 sentences: tuple[int, int] = (1, 1), long_s: tuple[float, float] | None = None) -> _Job:
+                 sentences: tuple[int, int] = (1, 1), long_s: tuple[float, float] | None = None,
+                 windows: float = 0.0) -> _Job:
     """Validate the request against the yaml, check every voice's engine, and load the text pools."""
     if split not in SPLITS:
         raise AsrError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
@@ -320,6 +368,9 @@ def _prepare_job(out: Path, split: str, seed: int, languages: Sequence[str], aug
     if long_s is not None and not (0 < long_s[0] <= long_s[1] and sentences == (1, 1)):
         raise AsrError(f"long-form seconds must be [low, high] with 0 < low <= high, and without sentences per "
                        f"clip (a long file holds as many as fit), got {list(long_s)} and {list(sentences)}")
+    if not 0.0 <= windows <= 1.0 or (windows and long_s is not None):
+        raise AsrError(f"windows (the share of clips cut from a reading) must be in [0, 1] and without long-form "
+                       f"seconds, got {windows} and {long_s}")
     fraction = float(split_cfg.get("augment_fraction", 0.0) if augment_fraction is None else augment_fraction)
     if not 0.0 <= fraction <= 1.0:
         raise AsrError(f"augment_fraction must be in [0, 1], got {fraction}")
@@ -337,7 +388,7 @@ def _prepare_job(out: Path, split: str, seed: int, languages: Sequence[str], aug
         if not pools[lang]:
             raise AsrError(f"the {split} text pool for {lang!r} is empty; check the sources in {cfg['_path']}")
     return _Job(out, split, seed, languages, fraction, cfg, voices, pools, filter_fn, tuple(sentences),
-                None if long_s is None else (float(long_s[0]), float(long_s[1])))
+                None if long_s is None else (float(long_s[0]), float(long_s[1])), float(windows))
 
 
 def _start_output(job: _Job, num: int, workers: int) -> tuple[dict[str, Any], dict[int, dict[str, str]]]:
@@ -349,6 +400,8 @@ def _start_output(job: _Job, num: int, workers: int) -> tuple[dict[str, Any], di
         params["sentences"] = list(job.sentences)
     if job.long_s:
         params["long_s"] = list(job.long_s)
+    if job.windows:
+        params["windows"] = job.windows
     if manifest_path.is_file():
         previous = json.loads(manifest_path.read_text()).get("params", {})
         if previous != params:
@@ -372,7 +425,7 @@ def build_corpus(out_dir: str | Path, split: str, num: int, seed: int, workers: 
                  languages: Sequence[str] = ("en",), augment_fraction: float | None = None,
                  filter_fn: FilterFn | None = None, config_path: str | Path | None = None,
                  progress: bool = True, sentences: tuple[int, int] = (1, 1),
-                 long_s: tuple[float, float] | None = None) -> dict[str, Any]:
+                 long_s: tuple[float, float] | None = None, windows: float = 0.0) -> dict[str, Any]:
     """Write `num` clips of `split` as an audiofolder (out_dir/metadata.csv + out_dir/audio/*.wav, 16 kHz mono
     s16); same seed -> same bytes. Resumes into an existing build; returns (and prints) a summary.
 
@@ -382,13 +435,16 @@ def build_corpus(out_dir: str | Path, split: str, num: int, seed: int, workers: 
     30 s encoder window carries several sentences' supervision instead of one sentence and padding.
     long_s=(lo, hi): long-form files instead (Whisper's long-form decoding), each a reading of consecutive
     sentences in one voice with pauses, up to a length drawn in [lo, hi] seconds; max_duration_s does not apply.
+    windows: the share of clips that are instead the first 30 s of such a reading, cut inside a sentence (what
+    Whisper's sequential long-form decoding hands the model), with the sentences read before it in `previous`,
+    timed as the window before it saw them (JSON [[start_s, end_s, text], ...]).
     """
     start = time.monotonic()
     if num < 1:
         raise AsrError(f"--num must be at least 1, got {num}")
     out = Path(out_dir)
     job = _prepare_job(out, split, seed, languages, augment_fraction, filter_fn, config_path, workers, sentences,
-                       long_s)
+                       long_s, windows)
     manifest, rows = _start_output(job, num, workers)
     resumed, todo = len(rows), [i for i in range(num) if i not in rows]
     skipped, redrawn = Counter(), Counter()

@@ -43,11 +43,13 @@ def load_shard(datasets: Sequence[str], processor, generation_config, rank: int,
 def encode_samples(samples: Iterable[Sample], processor, generation_config, max_label_tokens: int,
                    stats: SkipStats, layout: LayoutPolicy | None = None) -> Iterator[Encoded]:
     """Training examples of decoded samples; transcripts over max_label_tokens are skipped and counted.
-    `layout` picks timestamped targets and previous-text prompts (the prompt is the text of the previous
-    sample in the same language); None: plain transcripts."""
+    `layout` picks timestamped targets and previous-text prompts (the prompt is the timed sentences read before
+    the clip where the data has them, else the text of the previous sample in the same language); None: plain
+    transcripts."""
     previous: dict[str, str] = {}
     for sample in samples:
-        timestamped, prompt = layout.draw(sample, previous.get(sample.language)) if layout else (False, None)
+        earlier = sample.previous or previous.get(sample.language)
+        timestamped, prompt = layout.draw(sample, earlier) if layout else (False, None)
         previous[sample.language] = sample.text
         encoded = encode_sample(sample, processor, generation_config, max_label_tokens, timestamped, prompt)
         if encoded is None:
