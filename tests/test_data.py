@@ -204,6 +204,10 @@ def test_a_window_cut_inside_a_sentence_ends_on_its_start_time_and_reads_its_own
     assert tok.decode([t for t in prompt if t < gen.no_timestamps_token_id]) == " It was late. Nobody came."
     assert all(e.prompted and e.decoder_input_ids[1:1 + len(prompt)] == prompt for e in encoded[1:])
     assert not encoded[0].prompted  # the first clip has no text before it
+    plain = encode_sample(cut[0], processor, gen, timestamped=True)
+    tight = encode_sample(cut[0], processor, gen, len(plain.labels) + 6, timestamped=True, previous=earlier)
+    assert tight.prompted and tight.decoder_input_ids[:5] == [gen.prev_sot_token_id, *prompt[-4:]]  # cut, not skipped
+    assert len(tight.decoder_input_ids) + 1 == len(plain.labels) + 6
 
 
 def test_layout_policy_defaults_to_distil_whispers_rates_only_where_times_are_known():

@@ -68,11 +68,12 @@ def timed_ids(tokenizer, generation_config, segments: Sequence[tuple[float, floa
 
 def label_layout(tokenizer, generation_config, text: str, language: str,
                  segments: Sequence[tuple[float, float | None, str]] | None = None,
-                 previous: Prompt | None = None) -> tuple[list[int], list[int]]:
+                 previous: Prompt | None = None,
+                 max_previous: int = MAX_PREVIOUS_TOKENS) -> tuple[list[int], list[int]]:
     """(decoder_input_ids, labels) of a transcript: the teacher-forcing layout every objective is computed on.
     `segments` (start_s, end_s, text): timestamped targets instead of `text`; `previous`: a prompt of earlier
     text, or of timed sentences as sequential decoding prompts a window with the one before (its last
-    MAX_PREVIOUS_TOKENS tokens), which the loss does not cover."""
+    MAX_PREVIOUS_TOKENS tokens, or `max_previous`), which the loss does not cover."""
     prefix = prompt_ids(tokenizer, generation_config, language)
     if segments is None:
         body = tokenizer(" " + text, add_special_tokens=False).input_ids
@@ -81,7 +82,7 @@ def label_layout(tokenizer, generation_config, text: str, language: str,
     if previous:
         earlier = tokenizer(" " + previous.strip(), add_special_tokens=False).input_ids \
             if isinstance(previous, str) else timed_ids(tokenizer, generation_config, previous)
-        earlier = earlier[-MAX_PREVIOUS_TOKENS:]
+        earlier = earlier[-min(max_previous, MAX_PREVIOUS_TOKENS):]
         prefix = [generation_config.prev_sot_token_id, *earlier, *prefix]
     sequence = prefix + body + [generation_config.eos_token_id]
     labels = [IGNORE_INDEX] * (len(prefix) - 1) + sequence[len(prefix):]
@@ -111,11 +112,18 @@ class LayoutPolicy:
 
 def encode_sample(sample: Sample, processor, generation_config, max_label_tokens: int = 440,
                   timestamped: bool = False, previous: Prompt | None = None) -> Encoded | None:
-    """Features and labels for one sample; None when the transcript is too long for the decoder."""
-    decoder_input_ids, labels = label_layout(processor.tokenizer, generation_config, sample.text, sample.language,
-                                             sample.segments if timestamped else None, previous)
+    """Features and labels for one sample; None when the transcript is too long for the decoder. A prompt that
+    would take the sequence past max_label_tokens keeps only its last tokens, as Whisper cuts a long prompt."""
+    layout = (processor.tokenizer, generation_config, sample.text, sample.language,
+              sample.segments if timestamped else None)
+    decoder_input_ids, labels = label_layout(*layout)
     if len(decoder_input_ids) + 1 > max_label_tokens:
         return None
+    room = max_label_tokens - len(decoder_input_ids) - 2  # less <|startofprev|> and the eot label
+    if previous and room > 0:
+        decoder_input_ids, labels = label_layout(*layout, previous, max_previous=room)
+    else:
+        previous = None
     features = sample.features
     if features is None:
         features = log_mel(processor.feature_extractor, sample.audio)[0].numpy()
