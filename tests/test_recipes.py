@@ -89,7 +89,7 @@ def test_cli_validate_makes_the_input_checks_run_makes(tmp_path):
         f"teacher={tmp_path / 'missing'}": f"error: teacher: {tmp_path / 'missing'}: not a registry name",
         f"data.eval=[{empty}]": f"error: data.eval[0]: {empty}: not an audiofolder (no metadata.csv)",
         "data.eval=/path": "error: data.eval: '/path' is not list of str; write a list, e.g. [/path]",
-        "objective.teacher_cache=true": "error: objective.teacher_cache: cached teacher targets belong to pseudo-labels",
+        "objective.teacher_cache=true": "error: data.condition_on_prev_probability=0.5 changes what the teacher reads",
         "data.streaming=true": "error: train.group_by_length sorts an in-memory training set; these sets stream",
     }
     for override, message in cases.items():
