@@ -25,6 +25,7 @@ import yaml
 from tqdm import tqdm
 
 from asr.data.augment import random_augment
+from asr.data.features import TIME_STEP_S
 from asr.data.texts import load_pools
 from asr.data.tts import PITCH_ENGINES, SynthesisFailed, check_voice, expand_voices, synthesize, voice_id
 from asr.errors import AsrError
@@ -185,7 +186,7 @@ def _cut_window(plan: dict[str, Any], audio: np.ndarray, sample_rate: int) -> np
         if end <= WINDOW_S:
             kept.append([start, end, text])
             closed.append(text)
-        elif start < WINDOW_S - 2 * 0.02:  # at least one timestamp step of its speech inside
+        elif start < WINDOW_S - 2 * TIME_STEP_S:  # a timestamp step of its speech inside, past rounding
             kept.append([start, None, text])
             break
         else:
