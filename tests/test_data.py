@@ -300,7 +300,7 @@ def test_training_follows_the_users_hub_setting(monkeypatch):
 
 def test_batches_grouped_by_length_pad_less_and_still_cover_every_example_once_per_epoch():
     """train.group_by_length: clips of 1-4 sentences batched at random pad their labels to the longest of four."""
-    from asr.train.data import batch_indices
+    from asr.train.data import BatchOrder
 
     rng = np.random.default_rng(0)
     lengths = tuple(int(x) for x in rng.integers(1, 5, 240) * 20 + rng.integers(0, 10, 240))
@@ -308,8 +308,8 @@ def test_batches_grouped_by_length_pad_less_and_still_cover_every_example_once_p
 
     def epoch(grouped: bool, seed: int = 3, number: int = 0) -> list[list[int]]:
         per_epoch = n // batch
-        return [batch_indices(step, n, batch, seed=seed, rank=1, lengths=lengths if grouped else None)
-                for step in range(number * per_epoch, (number + 1) * per_epoch)]
+        order = BatchOrder(n, batch, seed=seed, rank=1, lengths=lengths if grouped else None)
+        return [order.indices(step) for step in range(number * per_epoch, (number + 1) * per_epoch)]
 
     def padded(batches: list[list[int]]) -> int:  # label positions computed, padding included
         return sum(batch * max(lengths[i] for i in b) for b in batches)

@@ -354,7 +354,7 @@ def test_recipe_pseudo_labels_then_distils_from_cached_targets_without_the_teach
 
 def test_train_batches_carry_the_cached_targets_at_the_labelled_positions():
     from asr.data.features import Encoded, WhisperCollator
-    from asr.train.data import TrainBatches, batch_indices
+    from asr.train.data import TrainBatches
 
     def example(name, labels):
         return Encoded(name, np.zeros((80, 3000), np.float32), [1] * len(labels), labels, "x", "en")
@@ -366,7 +366,7 @@ def test_train_batches_carry_the_cached_targets_at_the_labelled_positions():
                 "states": torch.randn(4, 5).half()}]
     batches = TrainBatches(examples, WhisperCollator(0), batch_size=2, seed=0, rank=0, teacher_targets=targets)
     batch = batches.batch(0)
-    for row, i in enumerate(batch_indices(0, len(examples), 2, seed=0, rank=0)):
+    for row, i in enumerate(batches.order.indices(0)):
         mask = batch["labels"][row] != -100
         for kind, key in (("ids", "topk_ids"), ("logprobs", "topk_logprobs"), ("states", "teacher_states")):
             assert torch.equal(batch[key][row, mask], targets[i][kind].to(batch[key].dtype))

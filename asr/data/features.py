@@ -66,24 +66,28 @@ def timed_ids(tokenizer, generation_config, segments: Sequence[tuple[float, floa
     return ids
 
 
+def previous_ids(tokenizer, generation_config, previous: Prompt, limit: int = MAX_PREVIOUS_TOKENS) -> list[int]:
+    """`<|startofprev|>` and the last `limit` (at most MAX_PREVIOUS_TOKENS) tokens of earlier text or timed
+    sentences: the prompt Whisper puts before its start token."""
+    earlier = tokenizer(" " + previous.strip(), add_special_tokens=False).input_ids \
+        if isinstance(previous, str) else timed_ids(tokenizer, generation_config, previous)
+    return [generation_config.prev_sot_token_id, *earlier[-min(limit, MAX_PREVIOUS_TOKENS):]]
+
+
 def label_layout(tokenizer, generation_config, text: str, language: str,
                  segments: Sequence[tuple[float, float | None, str]] | None = None,
-                 previous: Prompt | None = None,
-                 max_previous: int = MAX_PREVIOUS_TOKENS) -> tuple[list[int], list[int]]:
+                 previous: Prompt | None = None) -> tuple[list[int], list[int]]:
     """(decoder_input_ids, labels) of a transcript: the teacher-forcing layout every objective is computed on.
     `segments` (start_s, end_s, text): timestamped targets instead of `text`; `previous`: a prompt of earlier
-    text, or of timed sentences as sequential decoding prompts a window with the one before (its last
-    MAX_PREVIOUS_TOKENS tokens, or `max_previous`), which the loss does not cover."""
+    text, or of timed sentences as sequential decoding prompts a window with the one before (`previous_ids`),
+    which the loss does not cover."""
     prefix = prompt_ids(tokenizer, generation_config, language)
     if segments is None:
         body = tokenizer(" " + text, add_special_tokens=False).input_ids
     else:
         prefix, body = prefix[:-1], timed_ids(tokenizer, generation_config, segments)  # no <|notimestamps|>
     if previous:
-        earlier = tokenizer(" " + previous.strip(), add_special_tokens=False).input_ids \
-            if isinstance(previous, str) else timed_ids(tokenizer, generation_config, previous)
-        earlier = earlier[-min(max_previous, MAX_PREVIOUS_TOKENS):]
-        prefix = [generation_config.prev_sot_token_id, *earlier, *prefix]
+        prefix = previous_ids(tokenizer, generation_config, previous) + prefix
     sequence = prefix + body + [generation_config.eos_token_id]
     labels = [IGNORE_INDEX] * (len(prefix) - 1) + sequence[len(prefix):]
     return sequence[:-1], labels
@@ -114,14 +118,14 @@ def encode_sample(sample: Sample, processor, generation_config, max_label_tokens
                   timestamped: bool = False, previous: Prompt | None = None) -> Encoded | None:
     """Features and labels for one sample; None when the transcript is too long for the decoder. A prompt that
     would take the sequence past max_label_tokens keeps only its last tokens, as Whisper cuts a long prompt."""
-    layout = (processor.tokenizer, generation_config, sample.text, sample.language,
-              sample.segments if timestamped else None)
-    decoder_input_ids, labels = label_layout(*layout)
+    decoder_input_ids, labels = label_layout(processor.tokenizer, generation_config, sample.text, sample.language,
+                                             sample.segments if timestamped else None)
     if len(decoder_input_ids) + 1 > max_label_tokens:
         return None
     room = max_label_tokens - len(decoder_input_ids) - 2  # less <|startofprev|> and the eot label
     if previous and room > 0:
-        decoder_input_ids, labels = label_layout(*layout, previous, max_previous=room)
+        prompt = previous_ids(processor.tokenizer, generation_config, previous, room)
+        decoder_input_ids, labels = prompt + decoder_input_ids, [IGNORE_INDEX] * len(prompt) + labels
     else:
         previous = None
     features = sample.features

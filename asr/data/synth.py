@@ -150,31 +150,39 @@ def _speech_extent(speech: np.ndarray, floor: float = 0.02) -> tuple[int, int]:
     return (int(loud[0]), int(loud[-1]) + 1) if loud.size else (0, len(speech))
 
 
-def _speak(job: _Job, plan: dict[str, Any]) -> np.ndarray:
-    """The clip's sentences in one voice, each peak-normalized, with the planned pauses between them. Sentences
-    that would push the clip past its upper bound (less a second for augmentation) are left out, and so is their
-    text; a long-form file also stops once it reaches its target length.
-    Sets plan["segments"]: [start_s, end_s, text] per sentence, known from the construction (timestamp labels)."""
-    limit = float("inf") if plan["window"] else (job.duration_bounds[1] - 1.0) * job.sample_rate
-    target = plan["target_s"] * job.sample_rate if plan["target_s"] else float("inf")
+def _read_aloud(job: _Job, spec: dict[str, Any], texts: Sequence[str], pauses: Sequence[float],
+                limit: float = float("inf"), target: float = float("inf")) -> tuple[np.ndarray, list[list]]:
+    """Sentences in one voice, each peak-normalized, `pauses[i - 1]` s of silence before sentence i, and
+    [start_s, end_s, text] per sentence read (its speech, without the voice's leading and trailing silence).
+    Stops before a sentence that would start at or past `target` samples or end past `limit` (the first is
+    always read)."""
     parts: list[np.ndarray] = []
     segments: list[list] = []
-    for i, text in enumerate(plan["texts"]):
+    for i, text in enumerate(texts):
         start = sum(map(len, parts))
         if start >= target:
-            plan["texts"] = plan["texts"][:i]
             break
-        speech = _peak_normalize(synthesize(plan["spec"], text, job.sample_rate))
-        pause = np.zeros(int(plan["pauses"][i - 1] * job.sample_rate), dtype=np.float32) if i else speech[:0]
+        speech = _peak_normalize(synthesize(spec, text, job.sample_rate))
+        pause = np.zeros(int(pauses[i - 1] * job.sample_rate), dtype=np.float32) if i else speech[:0]
         start += len(pause)
         if i and start + len(speech) > limit:
-            plan["texts"] = plan["texts"][:i]
             break
         parts += [pause, speech]
         onset, offset = _speech_extent(speech)
         segments.append([(start + onset) / job.sample_rate, (start + offset) / job.sample_rate, text])
+    return np.concatenate(parts), segments
+
+
+def _speak(job: _Job, plan: dict[str, Any]) -> np.ndarray:
+    """The clip's reading. Sentences that would push the clip past its upper bound (less a second for
+    augmentation) are left out, and so is their text; a long-form file also stops once it reaches its target
+    length. Sets plan["segments"]: [start_s, end_s, text] per sentence (the timestamp labels)."""
+    limit = float("inf") if plan["window"] else (job.duration_bounds[1] - 1.0) * job.sample_rate
+    target = plan["target_s"] * job.sample_rate if plan["target_s"] else float("inf")
+    audio, segments = _read_aloud(job, plan["spec"], plan["texts"], plan["pauses"], limit, target)
+    plan["texts"] = plan["texts"][:len(segments)]
     plan["text"], plan["segments"] = " ".join(plan["texts"]), segments
-    return np.concatenate(parts)
+    return audio
 
 
 def _cut_window(plan: dict[str, Any], audio: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -198,14 +206,12 @@ def _cut_window(plan: dict[str, Any], audio: np.ndarray, sample_rate: int) -> np
 
 def _timed_previous(job: _Job, plan: dict[str, Any]) -> list[list]:
     """The sentences read before a cut window, spoken and timed as the window before it saw them (it ends where
-    this one begins): the prompt sequential decoding gives this window is that window's timestamped text."""
-    segments, t = [], 0.0
-    for text, pause in zip(plan["previous"], plan["previous_pauses"]):
-        speech = _peak_normalize(synthesize(plan["spec"], text, job.sample_rate))
-        onset, offset = _speech_extent(speech)
-        segments.append([t + onset / job.sample_rate, t + offset / job.sample_rate, text])
-        t += len(speech) / job.sample_rate + pause
-    shift = WINDOW_S - t
+    this one begins, after the last planned pause): the prompt sequential decoding gives this window is that
+    window's timestamped text."""
+    if not plan["previous"]:
+        return []
+    audio, segments = _read_aloud(job, plan["spec"], plan["previous"], plan["previous_pauses"])
+    shift = WINDOW_S - len(audio) / job.sample_rate - plan["previous_pauses"][-1]
     return [[round(a + shift, 2), round(b + shift, 2), text] for a, b, text in segments if a + shift >= 0]
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -58,34 +57,48 @@ def encode_samples(samples: Iterable[Sample], processor, generation_config, max_
             yield encoded
 
 
-def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int,
-                  lengths: tuple[int, ...] | None = None) -> list[int]:
-    """Indices of this rank's batch at `step`: epochs are fresh permutations, deterministic per (seed, rank).
-    With `lengths` (train.group_by_length) each batch holds examples of similar length."""
-    start = step * batch_size
-    out = []
-    while len(out) < batch_size:
-        epoch, offset = divmod(start + len(out), n)
-        order = _epoch_order(n, batch_size, seed, rank, epoch, lengths)
-        out.extend(order[offset:offset + batch_size - len(out)].tolist())
-    return out
+@dataclass
+class BatchOrder:
+    """Indices of this rank's batch at any step: epochs are fresh permutations, deterministic per (seed, rank).
+    With `lengths` (train.group_by_length) each batch holds examples of similar length. The epochs a batch
+    can span (the current one and the next) are kept, not recomputed per step."""
 
+    n: int
+    batch_size: int
+    seed: int
+    rank: int
+    lengths: Sequence[int] | None = None
 
-@lru_cache(maxsize=2)
-def _epoch_order(n: int, batch_size: int, seed: int, rank: int, epoch: int,
-                 lengths: tuple[int, ...] | None) -> np.ndarray:
-    """One epoch's example order. Grouped by length: transformers' grouping (a random permutation cut into
-    mega-batches of 50 batches, each sorted by length), then the batches in random order, so padding shrinks
-    without every mega-batch running from long to short labels."""
-    rng = np.random.default_rng([seed, rank, epoch])
-    if lengths is None:
-        return rng.permutation(n)
-    from transformers.trainer_pt_utils import get_length_grouped_indices
+    def __post_init__(self) -> None:
+        self._orders: dict[int, np.ndarray] = {}
 
-    generator = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
-    grouped = np.asarray(get_length_grouped_indices(list(lengths), batch_size, generator=generator))
-    batches = np.array_split(grouped, range(batch_size, n, batch_size))
-    return np.concatenate([batches[i] for i in rng.permutation(len(batches))])
+    def indices(self, step: int) -> list[int]:
+        start = step * self.batch_size
+        out: list[int] = []
+        while len(out) < self.batch_size:
+            epoch, offset = divmod(start + len(out), self.n)
+            out.extend(self._epoch(epoch)[offset:offset + self.batch_size - len(out)].tolist())
+        return out
+
+    def _epoch(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+            self._orders[epoch] = self._order(epoch)
+        return self._orders[epoch]
+
+    def _order(self, epoch: int) -> np.ndarray:
+        """One epoch's example order. Grouped by length: transformers' grouping (a random permutation cut into
+        mega-batches of 50 batches, each sorted by length), then the batches in random order, so padding shrinks
+        without every mega-batch running from long to short labels."""
+        rng = np.random.default_rng([self.seed, self.rank, epoch])
+        if self.lengths is None:
+            return rng.permutation(self.n)
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+        grouped = np.asarray(get_length_grouped_indices(list(self.lengths), self.batch_size, generator=generator))
+        batches = np.array_split(grouped, range(self.batch_size, self.n, self.batch_size))
+        return np.concatenate([batches[i] for i in rng.permutation(len(batches))])
 
 
 BATCH_KEYS = {"ids": "topk_ids", "logprobs": "topk_logprobs", "states": "teacher_states"}
@@ -107,13 +120,14 @@ class TrainBatches:
     group_by_length: bool = False  # batches of similar decoder-sequence length (train.group_by_length)
 
     def __post_init__(self) -> None:
-        self.lengths = tuple(len(e.decoder_input_ids) for e in self.examples) if self.group_by_length else None
+        lengths = [len(e.decoder_input_ids) for e in self.examples] if self.group_by_length else None
+        self.order = BatchOrder(len(self.examples), self.batch_size, self.seed, self.rank, lengths)
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
-        idx = batch_indices(step, len(self.examples), self.batch_size, self.seed, self.rank, self.lengths)
+        idx = self.order.indices(step)
         batch = self.collator([self.examples[i] for i in idx])
         if self.encoder_states is not None:
             del batch["input_features"]
