@@ -37,7 +37,7 @@ class Sample:
     # timed sentences, when the dataset knows them; the last one's end None: the clip cuts it (`asr data synth
     # --windows`), so its text is not in `text`
     segments: list[tuple[float, float | None, str]] | None = None
-    # the sentences read before the clip, timed window by window as sequential decoding prompts it (`timed_prompt`)
+    # the sentences read before the clip, timed as the window before it, when it was cut from a reading: its prompt
     previous: list[tuple[float, float, str]] | None = None
     features: np.ndarray | None = None  # its log-mel, when computed ahead by a loading worker (audio dropped)
 
@@ -272,20 +272,7 @@ def iter_samples(ds, stats: SkipStats, default_language: str = "en", limit: int 
                                   str(text).strip(), wave.size / SAMPLE_RATE)  # the times of this transcript
         yield Sample(id=Path(source).name, audio=wave, text=str(text).strip(), language=language,
                      path=data if isinstance(data, str) else None, segments=segments,
-                     previous=timed_prompt(row.get("previous")))
-
-
-def timed_prompt(value) -> list[tuple[float, float, str]] | None:
-    """The `previous` column (JSON [[start_s, end_s, text], ...]): the timed text of the windows before a clip,
-    as sequential decoding prompts it. Each window's times count from its own start, so they fall back where a
-    window begins; every segment must be inside one window (0-30 s)."""
-    try:
-        segments = [(float(a), float(b), str(t)) for a, b, t in json.loads(value)] if value else None
-    except (TypeError, ValueError):
-        return None
-    if not segments or any(not 0.0 <= a <= b <= MAX_SECONDS + 0.05 for a, b, _ in segments):
-        return None
-    return segments
+                     previous=timed_segments(row.get("previous"), None, 30.0))
 
 
 def timed_segments(value, text: str | None, duration: float) -> list[tuple[float, float | None, str]] | None:

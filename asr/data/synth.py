@@ -36,10 +36,9 @@ COLUMNS = ["file_name", "transcription", "language", "voice", "voice_params", "s
            "segments", "previous"]
 MANIFEST = "synth.json"
 PAUSE_S = (0.2, 0.8)  # silence between the sentences of a multi-sentence clip
-CORPUS_FORMAT = 4  # bump when a build's columns or audio change for the same yaml (2: `segments`, 3: `previous`,
-# 4: `previous` spans several windows)
+CORPUS_FORMAT = 3  # bump when a build's columns or audio change for the same yaml (2: `segments`, 3: `previous`)
 WINDOW_S = 30.0  # Whisper's window: a cut clip is exactly one, as sequential long-form decoding hands the model
-WINDOW_PREVIOUS = (4, 16)  # sentences read before a cut window (drawn): 1-3 windows, as sequential decoding prompts
+WINDOW_PREVIOUS = 6  # sentences read before a cut window, timed as the window before it: its `previous` prompt
 FilterFn = Callable[[np.ndarray, str], bool]
 
 
@@ -125,8 +124,7 @@ def _plan_clip(job: _Job, index: int, attempt: int) -> tuple[dict[str, Any], np.
         target_s = WINDOW_S / 0.9 if window else round(float(rng.uniform(*job.long_s)), 1)
         first = int(rng.integers(len(pool)))
         drawn = [pool[(first + k) % len(pool)] for k in range(int(target_s))]
-        told = int(rng.integers(WINDOW_PREVIOUS[0], WINDOW_PREVIOUS[1] + 1)) if window else 0
-        previous = [pool[(first - k) % len(pool)][0] for k in range(told, 0, -1)]
+        previous = [pool[(first - k) % len(pool)][0] for k in range(WINDOW_PREVIOUS, 0, -1)] if window else []
     else:
         low, high = job.sentences
         count = low if low == high else int(rng.integers(low, high + 1))  # no draw at (1, 1): one-sentence builds
@@ -207,23 +205,14 @@ def _cut_window(plan: dict[str, Any], audio: np.ndarray, sample_rate: int) -> np
 
 
 def _timed_previous(job: _Job, plan: dict[str, Any]) -> list[list]:
-    """The sentences read before a cut window, as sequential decoding prompts it: the timed text of the windows
-    before it, each timed from its own start (a window ends before the sentence it cuts, where the next begins),
-    the last ending where this one begins (after the last planned pause)."""
+    """The sentences read before a cut window, spoken and timed as the window before it saw them (it ends where
+    this one begins, after the last planned pause): the prompt sequential decoding gives this window is that
+    window's timestamped text."""
     if not plan["previous"]:
         return []
     audio, segments = _read_aloud(job, plan["spec"], plan["previous"], plan["previous_pauses"])
-    begins = len(audio) / job.sample_rate + plan["previous_pauses"][-1]  # this window's start, on the reading's clock
-    timed, seek = [], 0.0
-    while segments:
-        if begins <= seek + WINDOW_S:  # the window before this one: the rest of the reading
-            inside, segments = segments, []
-        else:
-            cut = next((i for i, (_, end, _) in enumerate(segments) if end > seek + WINDOW_S), len(segments)) or 1
-            inside, segments = segments[:cut], segments[cut:]
-        timed += [[round(a - seek, 2), round(b - seek, 2), text] for a, b, text in inside]
-        seek = segments[0][0] if segments and segments[0][0] < seek + WINDOW_S else seek + WINDOW_S
-    return timed
+    shift = WINDOW_S - len(audio) / job.sample_rate - plan["previous_pauses"][-1]
+    return [[round(a + shift, 2), round(b + shift, 2), text] for a, b, text in segments if a + shift >= 0]
 
 
 def _attempt(job: _Job, plan: dict[str, Any], rng: np.random.Generator) -> tuple[np.ndarray, str] | str:
@@ -455,7 +444,7 @@ def build_corpus(out_dir: str | Path, split: str, num: int, seed: int, workers: 
     sentences in one voice with pauses, up to a length drawn in [lo, hi] seconds; max_duration_s does not apply.
     windows: the share of clips that are instead the first 30 s of such a reading, cut inside a sentence (what
     Whisper's sequential long-form decoding hands the model), with the sentences read before it in `previous`,
-    timed window by window as sequential decoding prompts it (JSON [[start_s, end_s, text], ...]).
+    timed as the window before it saw them (JSON [[start_s, end_s, text], ...]).
     """
     start = time.monotonic()
     if num < 1:
