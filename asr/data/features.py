@@ -123,17 +123,16 @@ def encode_sample(sample: Sample, processor, generation_config, max_label_tokens
     if len(decoder_input_ids) + 1 > max_label_tokens:
         return None
     room = max_label_tokens - len(decoder_input_ids) - 2  # less <|startofprev|> and the eot label
-    if previous and room > 0:
+    prompted = bool(previous) and room > 0
+    if prompted:
         prompt = previous_ids(processor.tokenizer, generation_config, previous, room)
         decoder_input_ids, labels = prompt + decoder_input_ids, [IGNORE_INDEX] * len(prompt) + labels
-    else:
-        previous = None
     features = sample.features
     if features is None:
         features = log_mel(processor.feature_extractor, sample.audio)[0].numpy()
     return Encoded(id=sample.id, input_features=features,
                    decoder_input_ids=decoder_input_ids, labels=labels, text=sample.text, language=sample.language,
-                   timestamped=timestamped, prompted=previous is not None)
+                   timestamped=timestamped, prompted=prompted)
 
 
 @dataclass

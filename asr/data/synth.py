@@ -158,16 +158,17 @@ def _read_aloud(job: _Job, spec: dict[str, Any], texts: Sequence[str], pauses: S
     always read)."""
     parts: list[np.ndarray] = []
     segments: list[list] = []
+    length = 0  # samples read so far
     for i, text in enumerate(texts):
-        start = sum(map(len, parts))
-        if start >= target:
+        if length >= target:
             break
         speech = _peak_normalize(synthesize(spec, text, job.sample_rate))
         pause = np.zeros(int(pauses[i - 1] * job.sample_rate), dtype=np.float32) if i else speech[:0]
-        start += len(pause)
+        start = length + len(pause)
         if i and start + len(speech) > limit:
             break
         parts += [pause, speech]
+        length = start + len(speech)
         onset, offset = _speech_extent(speech)
         segments.append([(start + onset) / job.sample_rate, (start + offset) / job.sample_rate, text])
     return np.concatenate(parts), segments
