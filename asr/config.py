@@ -147,6 +147,9 @@ class TrainConfig:
     freeze_embeddings: bool = False
     cache_encoder: bool = True  # frozen encoder: compute its states once per clip and reuse them every epoch
     share_encoder: bool = True  # frozen identical encoders run once for teacher and student (false: each runs its own)
+    # live KD over cached encoder states: the teacher's final decoder states of every example computed once, not every
+    # epoch (exact: an example's layout is fixed when it is encoded); each step projects them onto the vocabulary
+    cache_teacher: bool = True
     zero_stage: Literal[0, 1, 2, 3] = 2
     bf16: bool | Literal["auto"] = False  # auto = on where the hardware has native bf16
     # batches of examples of similar label length (transformers' grouping, batches in random order): less padding

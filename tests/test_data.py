@@ -320,3 +320,18 @@ def test_batches_grouped_by_length_pad_less_and_still_cover_every_example_once_p
     assert grouped == epoch(True) and grouped != epoch(True, number=1)  # deterministic, reshuffled per epoch
     widths = [max(lengths[i] for i in b) for b in grouped]
     assert widths != sorted(widths, reverse=True) and widths[:10] != sorted(widths[:10], reverse=True)  # no curriculum
+
+
+def test_cpu_training_ranks_run_on_tcmalloc_unless_the_user_preloads(monkeypatch):
+    """On a machine without a GPU the ranks' environment preloads tcmalloc (installed by `make setup`), and a process
+    started with it really maps it; a user's own LD_PRELOAD wins."""
+    from asr.train.torchrun import training_env
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    env = training_env()
+    assert env["LD_PRELOAD"] == "libtcmalloc_minimal.so.4"
+    maps = subprocess.run([sys.executable, "-c", "print(open('/proc/self/maps').read())"], env=env,
+                          capture_output=True, text=True, check=True).stdout
+    assert "libtcmalloc_minimal.so.4" in maps
+    monkeypatch.setenv("LD_PRELOAD", "libjemalloc.so.2")
+    assert training_env()["LD_PRELOAD"] == "libjemalloc.so.2"

@@ -28,10 +28,12 @@ def test_bench_train_measures_separate_shared_and_cached(speech_folder, tmp_path
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     report = json.loads((out / "bench-train.json").read_text())
     rows = {r["mode"]: r for r in report["rows"]}
-    assert list(rows) == ["separate", "shared", "live", "cached", "states"] and report["top_k"] == 4
+    assert list(rows) == ["separate", "shared", "live", "once", "cached", "states"] and report["top_k"] == 4
     assert (rows["separate"]["teacher_loaded"], rows["separate"]["shared_encoder"]) == (True, False)
     assert (rows["shared"]["teacher_loaded"], rows["shared"]["shared_encoder"]) == (True, True)
     assert (rows["live"]["teacher_loaded"], rows["live"]["cached_encoder_states"]) == (True, True)
+    assert not rows["live"]["teacher_states_cached"] and rows["once"]["teacher_states_cached"]
+    assert (rows["once"]["teacher_loaded"], rows["once"]["cached_encoder_states"]) == (True, True)
     assert (rows["cached"]["teacher_loaded"], rows["cached"]["cached_encoder_states"]) == (False, True)
     assert (rows["states"]["teacher_loaded"], rows["states"]["cached_encoder_states"]) == (False, True)
     for r in rows.values():
@@ -40,5 +42,6 @@ def test_bench_train_measures_separate_shared_and_cached(speech_folder, tmp_path
     assert rows["separate"]["speedup_vs_separate"] == 1.0
     assert 0.2 < rows["cached"]["speedup_vs_separate"] < 50 and 0.2 < rows["states"]["speedup_vs_separate"] < 50
     assert "cached encoder + live teacher / separate (a) samples/s: 1 process(es)" in proc.stdout
+    assert "teacher states once per clip in the run / separate (a) samples/s: 1 process(es)" in proc.stdout
     assert "cached top-K (c) / separate (a) samples/s: 1 process(es)" in proc.stdout
     assert "cached states (exact) / separate (a) samples/s: 1 process(es)" in proc.stdout

@@ -183,6 +183,56 @@ def test_cached_encoder_states_are_those_of_the_encoder_the_run_trains_with(tmp_
     assert proc.stdout.splitlines()[-1] == "torch.bfloat16 (6, 1500, 64) True"
 
 
+TEACHER_CACHE_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+import torch
+from asr.config import load_recipe
+from asr.train.loop import Trainer
+from asr.train.objectives import kd_loss
+
+run = Path(sys.argv[1])
+trainer = Trainer(run, load_recipe(run / "recipe.yaml"))
+trainer.engine.eval()
+batch = trainer.batches.batch(0)
+with torch.no_grad():
+    cached = trainer.losses(batch)
+    live = trainer.losses({k: v for k, v in batch.items() if k != "teacher_states"})
+    states, o = batch["encoder_states"].float(), trainer.recipe.objective
+    decoder = {k: batch[k] for k in ("decoder_input_ids", "decoder_attention_mask")}
+    every = kd_loss(trainer.engine.module(encoder_outputs=(states,), **decoder).logits,
+                    trainer.teacher(encoder_outputs=(states,), **decoder).logits, batch["labels"], o.temperature,
+                    o.alpha_kl, o.alpha_ce)
+print(json.dumps({"keys": sorted(batch), "unlabelled": (batch["labels"] == -100).float().mean().item(),
+                  **{f"{name}_{k}": float(v) for name, parts in (("cached", cached), ("live", live), ("every", every))
+                     for k, v in parts.items()}}))
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+def test_the_cached_teacher_and_labelled_logits_give_the_full_kd_loss(tmp_path, speech_folder, micro_teacher):
+    """train.cache_teacher: the teacher's decoder states, computed once per example, give the loss the live teacher
+    gives, and logits computed at the labelled positions alone give the loss of logits at every position (here a
+    third or more of the positions are prompts, prefixes or padding)."""
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", str(micro_teacher), speech_folder, objective={"method": "kd"},
+                          data={"condition_on_prev_probability": 1.0, "timestamp_probability": 0.5},
+                          train={"nproc": 1, "batch_size": 4}, tracking={"wandb": False})
+    prepare = subprocess.run([sys.executable, "-m", "asr", "run", str(recipe), "--run-dir", str(run), "--stage",
+                              "prepare"], capture_output=True, text=True, timeout=300)
+    assert prepare.returncode == 0, prepare.stderr[-3000:]
+    proc = subprocess.run([sys.executable, "-c", TEACHER_CACHE_SCRIPT, str(run)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "ASR_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.splitlines()[-1])
+    assert "teacher_states" in got["keys"] and got["unlabelled"] > 0.3
+    for part in ("loss", "kl", "ce"):
+        assert got[f"cached_{part}"] == pytest.approx(got[f"live_{part}"], rel=1e-5), part
+        assert got[f"live_{part}"] == pytest.approx(got[f"every_{part}"], rel=1e-5), part
+    assert got["live_kl"] > 0
+
+
 def test_continued_pretraining_with_unfrozen_encoder(tmp_path, speech_folder, micro_teacher):
     """CE only (no teacher in the loop), encoder trained too, linear warm-up/decay schedule."""
     run = tmp_path / "ce"

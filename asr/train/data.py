@@ -186,6 +186,28 @@ def load_teacher_targets(examples: Sequence[Encoded], datasets: Sequence[str], t
     return out
 
 
+@torch.inference_mode()
+def teacher_decoder_states(examples: Sequence[Encoded], encoder_states: torch.Tensor, teacher, collator: WhisperCollator,
+                           batch_size: int = 8, show_progress: bool = True) -> list[dict[str, torch.Tensor]]:
+    """The teacher's final decoder states at each example's labelled positions ({"states": [P, d]}, on the CPU in
+    the teacher's dtype), from the cached encoder states, in batches of similar length: with them a step gets the
+    live teacher's logits from one projection instead of running its decoder every epoch."""
+    weight = next(teacher.parameters())
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].decoder_input_ids))
+    out: list[dict[str, torch.Tensor]] = [{} for _ in examples]
+    for start in tqdm(range(0, len(order), batch_size), desc="caching the teacher's decoder states", unit="batch",
+                      disable=not show_progress):
+        idx = order[start:start + batch_size]
+        batch = collator([examples[i] for i in idx])
+        hidden = teacher.model(encoder_outputs=(encoder_states[idx].to(weight.device, weight.dtype),),
+                               decoder_input_ids=batch["decoder_input_ids"].to(weight.device),
+                               decoder_attention_mask=batch["decoder_attention_mask"].to(weight.device)
+                               ).last_hidden_state
+        for row, i in enumerate(idx):
+            out[i] = {"states": hidden[row][batch["labels"][row] != IGNORE_INDEX].cpu()}
+    return out
+
+
 def _cache_key(examples: Sequence[Encoded], encoder) -> str:
     weight = next(encoder.parameters())
     h = hashlib.sha256(f"{weights_fingerprint(encoder)} {weight.device.type} {weight.dtype}".encode())

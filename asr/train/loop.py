@@ -1,9 +1,10 @@
 """The recovery loop: one DeepSpeed engine around the student, an optional frozen teacher, checkpoints, bench.
 
 Per step each rank takes its batch (a pure function of seed, rank and step), runs the student decoder on
-shared encoder states (cached, or computed once for both models), the teacher decoder without gradients
-(or reads the teacher's cached top-K log-probs instead), and steps the engine. NaN/inf losses are skipped on
-every rank together and counted.
+shared encoder states (cached, or computed once for both models), gets the teacher's logits (from its final decoder
+states, cached once per example where the encoder states are; else from its decoder run without gradients; or its
+top-K log-probs from `asr pseudo-label`), and steps the engine. Both models' logits are computed only at the
+labelled positions. NaN/inf losses are skipped on every rank together and counted.
 """
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import json
 import random
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -25,7 +28,7 @@ from asr.errors import AsrError
 from asr.models.loading import load_processor, load_whisper, output_embedding, same_encoder
 from asr.models.registry import cache_dir
 from asr.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from asr.train.data import TrainBatches, cache_encoder_states, load_shard, load_teacher_targets
+from asr.train.data import TrainBatches, cache_encoder_states, load_shard, load_teacher_targets, teacher_decoder_states
 from asr.train.engine import Dist, build_engine, freeze_parts, init_distributed, use_bf16
 from asr.train.evaluate import CheckpointBench
 from asr.train.stream import StreamingBatches
@@ -42,6 +45,18 @@ def check_compatible(student_vocab: int, teacher_vocab: int, student_ref: str, t
     if student_vocab != teacher_vocab:
         raise AsrError(f"student {student_ref} has {student_vocab} tokens but teacher {teacher_ref} has "
                        f"{teacher_vocab}; distil from a teacher with the same tokenizer")
+
+
+@contextmanager
+def logits_only_at(model, mask: torch.Tensor) -> Iterator[None]:
+    """Within the block, a Whisper's output projection reads only the positions where `mask` [B, T] is set, so its
+    forward returns logits [N, V] for them, in row-major order (a hook on the module: DeepSpeed's forward and
+    backward wrap the call unchanged)."""
+    handle = model.proj_out.register_forward_pre_hook(lambda module, args: (args[0][mask], *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @dataclass
@@ -61,6 +76,7 @@ class Trainer:
         self.batches = self.load_data(student)
         self.place_teacher(student)
         self.cache_encoder(student)
+        self.cache_teacher()
         self.engine = build_engine(student, self.recipe.train, self.recipe.optim)
         self.train_mode()
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -187,35 +203,52 @@ class Trainer:
         for e in self.batches.examples:
             e.input_features = e.input_features[:, :0]  # features are no longer needed: free the memory
 
+    def cache_teacher(self) -> None:
+        """Live KD over cached encoder states: the teacher's final decoder states of every example, computed once
+        here (an example's prompt and timestamps are fixed when it is encoded), so each step projects them instead
+        of running the teacher's decoder: the same loss, the teacher's decoder run once per example instead of once
+        per epoch. Kept in memory (about a tenth of the encoder states) and recomputed on a resume."""
+        if not (self.teacher is not None and self.recipe.train.cache_teacher and isinstance(self.batches, TrainBatches)
+                and self.batches.encoder_states is not None):
+            return
+        self.batches.teacher_targets = teacher_decoder_states(
+            self.batches.examples, self.batches.encoder_states, self.teacher, self.batches.collator,
+            show_progress=self.dist.is_main)
+        self.teacher_out = self.teacher.proj_out.weight
+
     # --- one step --------------------------------------------------------------------------------------
     def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Loss parts for one micro-batch."""
+        """Loss parts for one micro-batch, from logits at the labelled positions only ([N, V]): prompt, prefix and
+        padding positions carry no loss, and the projection onto the vocabulary is most of a small decoder's
+        compute per token."""
         dtype, dev = self.dtype, self.dist.device
         decoder = {"decoder_input_ids": batch["decoder_input_ids"].to(dev),
                    "decoder_attention_mask": batch["decoder_attention_mask"].to(dev)}
         labels = batch["labels"].to(dev)
-        if "encoder_states" in batch:
-            encoder_states = batch["encoder_states"].to(dev, dtype)
-            out = self.engine(encoder_outputs=(encoder_states,), **decoder)
-        else:
-            out = self.engine(input_features=batch["input_features"].to(dev, dtype), **decoder)
-            encoder_states = out.encoder_last_hidden_state.detach()
-        o = self.recipe.objective
+        mask = labels != IGNORE_INDEX
+        with logits_only_at(self.engine.module, mask):
+            if "encoder_states" in batch:
+                encoder_states = batch["encoder_states"].to(dev, dtype)
+                out = self.engine(encoder_outputs=(encoder_states,), **decoder)
+            else:
+                out = self.engine(input_features=batch["input_features"].to(dev, dtype), **decoder)
+                encoder_states = out.encoder_last_hidden_state.detach()
+        o, targets = self.recipe.objective, labels[mask]
         if "teacher_states" in batch:  # exact: the teacher's logits from its cached final states
-            teacher_logits = batch["teacher_states"].to(dev, self.teacher_out.dtype) @ self.teacher_out.T
-            return kd_loss(out.logits, teacher_logits, labels, o.temperature, o.alpha_kl, o.alpha_ce)
+            teacher_logits = batch["teacher_states"].to(dev, self.teacher_out.dtype)[mask] @ self.teacher_out.T
+            return kd_loss(out.logits, teacher_logits, targets, o.temperature, o.alpha_kl, o.alpha_ce)
         if "topk_ids" in batch:
-            return kd_loss_topk(out.logits, batch["topk_ids"].to(dev), batch["topk_logprobs"].to(dev), labels,
-                                o.temperature, o.alpha_kl, o.alpha_ce)
+            return kd_loss_topk(out.logits, batch["topk_ids"].to(dev)[mask], batch["topk_logprobs"].to(dev)[mask],
+                                targets, o.temperature, o.alpha_kl, o.alpha_ce)
         if self.teacher is None:
-            ce = ce_loss(out.logits, labels)
+            ce = ce_loss(out.logits, targets)
             return {"loss": ce, "ce": ce}
-        with torch.no_grad():
+        with torch.no_grad(), logits_only_at(self.teacher, mask):
             if self.shared_encoder:
                 teacher_logits = self.teacher(encoder_outputs=(encoder_states,), **decoder).logits
             else:
                 teacher_logits = self.teacher(input_features=batch["input_features"].to(dev, dtype), **decoder).logits
-        return kd_loss(out.logits, teacher_logits, labels, o.temperature, o.alpha_kl, o.alpha_ce)
+        return kd_loss(out.logits, teacher_logits, targets, o.temperature, o.alpha_kl, o.alpha_ce)
 
     def stop_requested(self) -> bool:
         """Preemption: SIGUSR1/SIGTERM on any rank, or RUN/PREEMPT written by a Slurm batch script."""

@@ -1,4 +1,5 @@
 """Recovery objectives as pure functions of logits and labels (positions labelled IGNORE_INDEX are ignored).
+Logits come as [B, T, V] with labels [B, T], or as the labelled positions alone, [N, V] with labels [N].
 
 - Continued pretraining (large-v3-turbo): token cross-entropy on transcripts.
 - Distillation (distil-whisper, Gandhi et al. 2023, eq. 3-4): α_kl · T² · KL(p_teacher^T ‖ p_student^T)
@@ -14,8 +15,9 @@ from asr.data.features import IGNORE_INDEX
 
 
 def ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over labelled tokens; logits [B, T, V], labels [B, T]."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    """Mean cross-entropy over labelled tokens; logits [..., V] and labels [...]: [B, T] positions, or the [N]
+    labelled positions alone (the training step computes logits only there)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def kl_teacher_student(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -67,7 +69,7 @@ def kd_loss_topk(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logp
     student spreads the rest is left free, and a student trained this way drifts to where the full KL still has
     large gradients the top-K loss cannot see. For KD equal to the live teacher's, cache the teacher's final
     decoder states instead (`asr pseudo-label --teacher-states`). Measured effect: README "Cached teacher targets".
-    student_logits [B, T, V]; topk_ids, topk_logprobs [B, T, K] (teacher log-probs at T); labels [B, T].
+    student_logits [..., V]; topk_ids, topk_logprobs [..., K] (teacher log-probs at T); labels [...].
     """
     kl = kl_topk_and_rest(student_logits, topk_ids, topk_logprobs, labels, temperature)
     ce = ce_loss(student_logits, labels)

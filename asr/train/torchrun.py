@@ -1,10 +1,13 @@
 """Start the per-rank processes of a recovery run on this machine (torchrun, one process per device)."""
 from __future__ import annotations
 
+import ctypes.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+CPU_ALLOCATOR = "tcmalloc_minimal"  # Debian libtcmalloc-minimal4
 
 
 def training_env() -> dict[str, str]:
@@ -16,7 +19,21 @@ def training_env() -> dict[str, str]:
     env["PATH"] = f"{Path(sys.prefix) / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("WANDB_SILENT", "true")
-    return env
+    return {**env, **cpu_allocator(env)}
+
+
+def cpu_allocator(env: dict[str, str]) -> dict[str, str]:
+    """On a machine without a GPU, ranks preloaded with tcmalloc where it is installed: glibc's malloc maps and unmaps
+    every step's large logits and activations afresh (tens of thousands of page faults per second, a fifth of the
+    CPU in the kernel), and the same training steps ran 1.25-1.3x faster with tcmalloc (jemalloc: no gain). A GPU
+    run and a user's own LD_PRELOAD are left alone."""
+    import torch
+
+    library = ctypes.util.find_library(CPU_ALLOCATOR)
+    if torch.cuda.is_available() or library is None or env.get("LD_PRELOAD"):
+        return {}
+    # tcmalloc reports every allocation over 1 GiB on stderr: the encoder states of a run's clips are one such
+    return {"LD_PRELOAD": library, "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
 
 
 def launch_training(run_dir: Path, nproc: int, module: str = "asr.train.main", args: tuple[str, ...] = ()) -> int:
