@@ -74,7 +74,8 @@ def measure(run_dir: Path, warmup: int, steps: int) -> dict | None:
               "batch_size_per_process": trainer.recipe.train.batch_size, "setup_and_warmup_seconds": setup,
               "teacher_loaded": trainer.teacher is not None, "shared_encoder": trainer.shared_encoder,
               "cached_encoder_states": trainer.batches.encoder_states is not None,
-              "teacher_states_cached": trainer.batches.teacher_targets is not None,
+              # the live teacher's states computed in the run (cached/states modes read pseudo-label folders)
+              "teacher_states_cached": trainer.teacher is not None and trainer.batches.teacher_targets is not None,
               "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     (run_dir / RESULT).write_text(json.dumps(result, indent=2))
     return result
