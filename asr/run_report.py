@@ -71,10 +71,9 @@ def write_report(run_dir: Path) -> str:
     summary = json.loads((run_dir / "train-summary.json").read_text()) if (run_dir / "train-summary.json").is_file() else {}
     long_form = read_jsonl(run_dir / "bench" / "longform.jsonl")
     records = with_paired_teacher(records)
-    teacher = next((r for r in records if r["model"] == "teacher" and "solo_latency" in r), None)
+    teacher = next((r for r in records if r["model"] == "teacher" and "paired_timings" in r.get("latency", {})), None)
     timing = (f"Teacher latency: the median of its {teacher['latency']['paired_timings']} timings paired clip by clip "
-              f"with the students (its solo timing at the start read "
-              f"{teacher['solo_latency']['decoder_ms_per_token_p50']:.2f} ms/token).\n" if teacher else "")
+              f"with the students.\n" if teacher else "")
     final = (run_dir / "final" / "SOURCE").read_text().strip() if (run_dir / "final" / "SOURCE").is_file() else "-"
     long_table = f"Long-form sets:\n\n{longform_table(long_form)}\n" if long_form else ""
     text = (f"# Run {run_dir.name}\n\n{wer_by_set(records + long_form)}\n{markdown_table(records)}\n"

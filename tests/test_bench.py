@@ -96,6 +96,7 @@ def test_bench_cli_writes_json_table_and_clips(tmp_path):
     assert "| whisper-tiny.en |" in proc.stdout
 
 
+@pytest.mark.slow  # 30 s
 def test_bench_names_same_named_folders_apart_and_reports_skipped_clips(tmp_path):
     """Two `pruned/` folders used to crash after all the work (KeyError: 'latency'); skipped clips were only printed."""
     from asr.models.prune import prune_to_directory
@@ -148,6 +149,7 @@ def test_compression_ratio_flags_loops_not_speech():
     assert compression_ratio("") == 0.0
 
 
+@pytest.mark.slow  # 65 s; the fast tier keeps the fallback's long-form path (test_longform)
 def test_bench_fallback_leaves_the_teacher_alone_and_redecodes_a_broken_student(tmp_path):
     """--fallback scores a second pass beside greedy, with its own repetition rate, so looping cannot hide."""
     from asr.models.prune import prune_to_directory

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 
 from asr.bench.longform import run_long_form_bench
 from asr.bench.run import BenchOptions, load_eval_samples, run_bench, unstride
@@ -60,6 +61,7 @@ def test_the_live_teacher_is_benched_and_a_trained_encoder_drops_the_old_states(
         ("teacher", 3, [3], [3]), ("pruned-untrained", 3, [3], [3]), ("step-2", 3, [3], [3]), ("step-4", 3, [3], [3])]
 
 
+@pytest.mark.slow  # two runs (85 s); every fast-tier 2-process run benches sharded
 def test_a_two_process_bench_equals_a_one_process_bench_of_the_same_models(tmp_path, speech_folder, micro_teacher):
     """2 ranks split 5 clips 3/2 (each memoizes only its own encoder states); the gathered rows, in dataset order,
     and the figures equal `asr bench`'s on one process. The longest reference is on rank 1, so a token cap taken

@@ -161,7 +161,8 @@ def test_distil_large_v3_scaled_down_on_all_local_gpus_pseudo_labels_trains_pree
                                              *[f"step-{s}" for s in saved]]
     for r in records:  # every model benched on every rank's shard, in the run's dtype
         assert r["clips_per_rank"] == [2] * NPROC and r["n"] == n_eval and r["dtype"] == "bfloat16", r
-        assert math.isfinite(r["wer"]) and r["latency"]["decoder_ms_per_token_p50"] > 0, r
+        assert math.isfinite(r["wer"]), r
+        assert r["model"] == "teacher" or r["latency"]["decoder_ms_per_token_p50"] > 0, r  # teacher: paired only
     rows = losses(run)
     assert [r["step"] for r in rows] == list(range(1, MAX_STEPS + 1))
     assert all(math.isfinite(r[k]) for r in rows for k in ("loss", "kl", "ce"))

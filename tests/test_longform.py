@@ -115,6 +115,7 @@ def test_bench_long_form_both_algorithms(long_set, tmp_path, capsys):
     assert "Hugging Face engine alone" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 33 s; the fast tier keeps sequential and chunked long-form
 def test_sequential_fallback_resamples_a_looping_student_and_leaves_a_sure_teacher_alone(long_set, tmp_path):
     """Whisper's temperature fallback in the sequential algorithm (`--long-form sequential-fallback`): windows of
     the teacher pass its checks, so it reads as greedy; an untrained pruned student loops, so its windows are

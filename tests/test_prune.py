@@ -84,6 +84,7 @@ def test_prune_tiny_en_by_count_and_encoder(tmp_path):
     assert (student.config.decoder_layers, student.config.encoder_layers) == (2, 3)
 
 
+@pytest.mark.slow  # 24 s
 def test_prune_refuses_a_folder_it_did_not_write_and_replaces_its_own(tmp_path):
     """`--out` over a folder of other results used to wipe it; a student pruned there before is replaced."""
     results = tmp_path / "results"
@@ -115,6 +116,7 @@ def test_prune_rejects_bad_layer_lists():
         prune_whisper(teacher, [3, 0])
 
 
+@pytest.mark.slow  # 20 s; spaced pruning stays fast
 def test_importance_pruning_drops_least_important_layers(tmp_path, speech_folder):
     """Greedy KL-based selection on real tiny.en: 4 -> 2 layers in two rounds, the table recorded."""
     out = tmp_path / "imp"

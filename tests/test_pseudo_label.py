@@ -325,7 +325,9 @@ def _run_recipe(tmp_path: Path, name: str, source: Path, eval_data: Path, cached
     return tmp_path / name
 
 
-@pytest.mark.parametrize("cached", [{"top_k": TOP_K}, {"teacher_states": True}], ids=["top-k", "states"])
+@pytest.mark.parametrize("cached", [{"top_k": TOP_K},
+                                    pytest.param({"teacher_states": True}, marks=pytest.mark.slow)],
+                         ids=["top-k", "states"])  # states: 105 s, the fast tier keeps top-K
 def test_recipe_pseudo_labels_then_distils_from_cached_targets_without_the_teacher(source, speech_folder, tmp_path,
                                                                                    cached):
     """data.pseudo_label in a recipe: the run labels data.train first (cached), then KD reads the stored targets

@@ -98,6 +98,7 @@ def test_cli_validate_makes_the_input_checks_run_makes(tmp_path):
         assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
 
 
+@pytest.mark.slow  # a run (27 s)
 def test_rerun_with_a_changed_override_names_the_keys_and_the_advice_works(tmp_path, micro_teacher, speech_folder):
     """It said only "already holds a different recipe; use ... no overrides", and no overrides failed the same way."""
     recipe = tmp_path / "r.yaml"
@@ -117,6 +118,7 @@ def test_rerun_with_a_changed_override_names_the_keys_and_the_advice_works(tmp_p
 
 
 @pytest.mark.parametrize("name, decoder_layers", [("large-v3-turbo", 4), ("distil-large-v3", 2)])
+@pytest.mark.slow  # a run per recipe (60 s each)
 def test_large_recipes_run_two_steps_scaled_down(tmp_path, name, decoder_layers, scaled_large_v3, speech_folder):
     """The real recipe file, with a same-structure tiny model and local data, trains two steps end to end."""
     run = tmp_path / name
@@ -154,6 +156,7 @@ def test_synthetic_eval_is_one_set_per_language_named_by_the_corpus_config(tmp_p
     assert languages == [{"de"}, {"fr"}]
 
 
+@pytest.mark.slow  # 23 s
 def test_a_multilingual_teacher_refuses_data_that_does_not_say_its_language(tmp_path, micro_multilingual_teacher,
                                                                             micro_teacher, speech_folder):
     """large-v3-turbo trained Multilingual LibriSpeech's German behind <|en|>: rows without a language now stop

@@ -140,6 +140,7 @@ def test_bad_samples_are_skipped_and_counted_by_reason_in_the_run_summary(refere
     assert "'audio out of range': 1" in (reference / "report.md").read_text()
 
 
+@pytest.mark.slow  # 60 s; the fast tier keeps resume and preemption
 def test_kill_9_between_checkpoints_then_rerun_resumes_with_the_same_curve(tmp_path, reference, micro_teacher,
                                                                             hostile_train, speech_folder):
     recipe = fast_recipe(tmp_path / "recipe.yaml", micro_teacher, hostile_train, speech_folder)
@@ -179,6 +180,7 @@ def test_preemption_saves_and_exits_then_the_resumed_run_benches_that_checkpoint
     assert not (run / "PREEMPTED").exists()
 
 
+@pytest.mark.slow  # 60 s; the fast tier keeps preemption
 def test_kill_9_during_a_checkpoint_write_never_loads_the_partial_one(tmp_path, reference, micro_teacher,
                                                                      hostile_train, speech_folder):
     recipe = fast_recipe(tmp_path / "recipe.yaml", micro_teacher, hostile_train, speech_folder)
@@ -199,6 +201,7 @@ def test_kill_9_during_a_checkpoint_write_never_loads_the_partial_one(tmp_path, 
     assert_same_curve(reference, run)
 
 
+@pytest.mark.slow  # two runs (65 s)
 def test_resuming_on_another_number_of_processes_is_one_clear_error(tmp_path, micro_teacher, speech_folder):
     """ZeRO's optimizer shards, each rank's RNG and data position belong to the world size that saved them."""
     run = tmp_path / "run"
@@ -216,6 +219,7 @@ def test_resuming_on_another_number_of_processes_is_one_clear_error(tmp_path, mi
     assert [r["step"] for r in losses(run)] == [1, 2]
 
 
+@pytest.mark.slow  # 30 s
 def test_ranks_die_with_a_killed_launcher(tmp_path, micro_teacher, speech_folder):
     run, log = tmp_path / "run", tmp_path / "run.log"
     recipe = fast_recipe(tmp_path / "recipe.yaml", micro_teacher, speech_folder, speech_folder,
@@ -282,7 +286,8 @@ def _tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-@pytest.mark.parametrize("fails_in", [pytest.param("deepspeed state", marks=pytest.mark.slow), "hf student"])
+@pytest.mark.parametrize("fails_in", ["deepspeed state", "hf student"])
+@pytest.mark.slow  # 35 s per place it fails
 def test_disk_full_while_saving_is_one_clear_error_and_keeps_the_last_checkpoint(tmp_path, reference, micro_teacher,
                                                                                  hostile_train, speech_folder,
                                                                                  fails_in):
@@ -342,6 +347,7 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path, micro_t
     assert is_complete(run / "checkpoints" / "step-000002") and not (run / "train-summary.json").exists()
 
 
+@pytest.mark.slow  # 35 s; the fast tier keeps non-finite skipping
 def test_nonfinite_loss_with_grad_accum_stops_the_run_instead_of_skipping_mid_window(tmp_path, micro_teacher,
                                                                                       speech_folder):
     """With train.grad_accum > 1 DeepSpeed holds the window's earlier micro-batches, so a non-finite loss cannot be

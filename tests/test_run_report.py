@@ -25,7 +25,7 @@ def test_teacher_latency_is_the_median_of_its_paired_timings():
     view = with_paired_teacher(records)
     teacher = view[0]
     assert teacher["latency"]["decoder_ms_per_token_p50"] == 17.0 and teacher["latency"]["encoder_ms_p50"] == 170.0
-    assert teacher["latency"]["paired_timings"] == 3 and teacher["solo_latency"]["decoder_ms_per_token_p50"] == 485.0
+    assert teacher["latency"]["paired_timings"] == 3
     assert view[3]["measured_decoder_ratio"] == pytest.approx(12.2 / 18.0)  # each against its own pairing
     assert view[3]["predicted_decoder_ratio"] == pytest.approx(0.7)
     assert records[0]["latency"]["decoder_ms_per_token_p50"] == 485.0  # the stored records are not changed

@@ -257,6 +257,7 @@ def test_sweep_runs_one_directory_per_value_as_job_arrays(cluster, tmp_path, mic
         assert json.loads(next(iter((run / "metrics.jsonl").read_text().splitlines())))["lr"] == lr
 
 
+@pytest.mark.slow  # another Slurm round trip (130 s); the fast tier keeps the two-node run
 def test_pseudo_labels_in_one_srun_step_over_the_allocation(cluster, tmp_path, monkeypatch, speech_folder):
     """The prepare job of a recipe that pseudo-labels holds both nodes; the teacher labels in one srun step of two
     tasks, each the rows of its stride, the job then finishes the folder once, and training uses it."""
@@ -282,6 +283,7 @@ def test_pseudo_labels_in_one_srun_step_over_the_allocation(cluster, tmp_path, m
     assert "| step-3 |" in (run / "report.md").read_text()
 
 
+@pytest.mark.slow  # a Slurm requeue round trip (110 s); the fast tier keeps preemption (test_reliability)
 def test_warning_signal_checkpoints_requeues_and_resumes(cluster, tmp_path, micro_teacher, speech_folder):
     steps = 40
     recipe = write_recipe(tmp_path / "r.yaml", str(micro_teacher), speech_folder, max_steps=steps,

@@ -47,6 +47,7 @@ def test_epochs_reshuffle_and_a_restored_position_replays_the_same_batches(speec
     assert resumed.batch(7)["input_features"].shape == (2, 80, 3000)
 
 
+@pytest.mark.slow  # 33 s
 def test_loading_workers_decode_in_other_processes_and_give_the_same_batches(speech_folder):
     """data.num_workers: the audio is decoded and its log-mel computed in DataLoader worker processes, ahead of the
     step, and the batches are those of loading in the training process."""

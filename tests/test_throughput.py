@@ -15,6 +15,7 @@ import yaml
 TEACHER = "whisper-tiny.en"
 
 
+@pytest.mark.slow  # a benchmark's run (135 s); its training modes are tested in test_train and test_pseudo_label
 def test_bench_train_measures_separate_shared_and_cached(speech_folder, tmp_path):
     recipe = {"name": "bt", "teacher": TEACHER, "prune": {"keep": [0, 3]},
               "data": {"train": [str(speech_folder)], "eval": [str(speech_folder)]},
