@@ -207,7 +207,10 @@ with torch.no_grad():
     every = kd_loss(trainer.engine.module(encoder_outputs=(states,), **decoder).logits,
                     trainer.teacher(encoder_outputs=(states,), **decoder).logits, batch["labels"], o.temperature,
                     o.alpha_kl, o.alpha_ce)
+kept = sorted(Path(os.environ["ASR_CACHE"], "teacher-states").iterdir())
 print(json.dumps({"keys": sorted(batch), "unlabelled": (batch["labels"] == -100).float().mean().item(),
+                  "kept": [(f.name, f.stat().st_mtime_ns) for f in kept],
+                  "targets": [t["states"].tolist() for t in trainer.batches.teacher_targets],
                   **{f"{name}_{k}": float(v) for name, parts in (("cached", cached), ("live", live), ("every", every))
                      for k, v in parts.items()}}))
 sys.stdout.flush()
@@ -226,10 +229,16 @@ def test_the_cached_teacher_and_labelled_logits_give_the_full_kd_loss(tmp_path, 
     prepare = subprocess.run([sys.executable, "-m", "asr", "run", str(recipe), "--run-dir", str(run), "--stage",
                               "prepare"], capture_output=True, text=True, timeout=300)
     assert prepare.returncode == 0, prepare.stderr[-3000:]
-    proc = subprocess.run([sys.executable, "-c", TEACHER_CACHE_SCRIPT, str(run)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "ASR_CACHE": str(tmp_path / "cache")})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.splitlines()[-1])
+    runs = []
+    for _ in range(2):  # the second run (a resume's view) reads the teacher's states back from the disk cache
+        proc = subprocess.run([sys.executable, "-c", TEACHER_CACHE_SCRIPT, str(run)], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "ASR_CACHE": str(tmp_path / "cache")})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.splitlines()[-1]))
+    got, again = runs
+    assert len(got["kept"]) == 1 and again["kept"] == got["kept"]  # one file, written once, not rewritten
+    assert again["targets"] == got["targets"] and again["cached_loss"] == got["cached_loss"]
+    assert "caching the teacher's decoder states" not in proc.stderr
     assert "teacher_states" in got["keys"] and got["unlabelled"] > 0.3
     for part in ("loss", "kl", "ce"):
         assert got[f"cached_{part}"] == pytest.approx(got[f"live_{part}"], rel=1e-5), part

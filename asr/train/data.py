@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -187,28 +187,41 @@ def load_teacher_targets(examples: Sequence[Encoded], datasets: Sequence[str], t
 
 
 @torch.inference_mode()
-def teacher_decoder_states(examples: Sequence[Encoded], encoder_states: torch.Tensor, teacher, collator: WhisperCollator,
-                           batch_size: int = 8, show_progress: bool = True) -> list[dict[str, torch.Tensor]]:
+def teacher_decoder_states(examples: Sequence[Encoded], encoder_states: torch.Tensor, states_key: str, teacher,
+                           collator: WhisperCollator, cache_root: Path, batch_size: int = 8,
+                           show_progress: bool = True) -> list[dict[str, torch.Tensor]]:
     """The teacher's final decoder states at each example's labelled positions ({"states": [P, d]}, on the CPU in
-    the teacher's dtype), from the cached encoder states, in batches of similar length: with them a step gets the
-    live teacher's logits from one projection instead of running its decoder every epoch."""
+    the teacher's dtype), from the cached encoder states (`states_key`: their cache key), in batches of similar
+    length: with them a step gets the live teacher's logits from one projection instead of running its decoder
+    every epoch. Kept on disk like the encoder states, keyed on those, the teacher's weights and every example's
+    decoder sequence, so a resume or another run over the same layout reads them back."""
     weight = next(teacher.parameters())
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].decoder_input_ids))
-    out: list[dict[str, torch.Tensor]] = [{} for _ in examples]
-    for start in tqdm(range(0, len(order), batch_size), desc="caching the teacher's decoder states", unit="batch",
-                      disable=not show_progress):
-        idx = order[start:start + batch_size]
-        batch = collator([examples[i] for i in idx])
-        hidden = teacher.model(encoder_outputs=(encoder_states[idx].to(weight.device, weight.dtype),),
-                               decoder_input_ids=batch["decoder_input_ids"].to(weight.device),
-                               decoder_attention_mask=batch["decoder_attention_mask"].to(weight.device)
-                               ).last_hidden_state
-        for row, i in enumerate(idx):
-            out[i] = {"states": hidden[row][batch["labels"][row] != IGNORE_INDEX].cpu()}
-    return out
+    h = hashlib.sha256(f"{states_key} {weights_fingerprint(teacher)} {weight.device.type} {weight.dtype}".encode())
+    for e in examples:
+        h.update(np.asarray(e.decoder_input_ids + [-1] + e.labels, dtype=np.int64).tobytes())
+
+    def compute() -> dict[str, torch.Tensor]:
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i].decoder_input_ids))
+        out: dict[int, torch.Tensor] = {}
+        for start in tqdm(range(0, len(order), batch_size), desc="caching the teacher's decoder states",
+                          unit="batch", disable=not show_progress):
+            idx = order[start:start + batch_size]
+            batch = collator([examples[i] for i in idx])
+            hidden = teacher.model(encoder_outputs=(encoder_states[idx].to(weight.device, weight.dtype),),
+                                   decoder_input_ids=batch["decoder_input_ids"].to(weight.device),
+                                   decoder_attention_mask=batch["decoder_attention_mask"].to(weight.device)
+                                   ).last_hidden_state
+            for row, i in enumerate(idx):
+                out[i] = hidden[row][batch["labels"][row] != IGNORE_INDEX].cpu()
+        rows = [out[i] for i in range(len(examples))]
+        return {"states": torch.cat(rows), "lengths": torch.tensor([len(t) for t in rows])}
+
+    saved = _kept_on_disk(cache_root / f"{h.hexdigest()[:24]}.safetensors", compute)
+    return [{"states": t} for t in torch.split(saved["states"], saved["lengths"].tolist())]
 
 
-def _cache_key(examples: Sequence[Encoded], encoder) -> str:
+def encoder_states_key(examples: Sequence[Encoded], encoder) -> str:
+    """What the encoder states of `examples` depend on: the clips, the encoder weights, device type and dtype."""
     weight = next(encoder.parameters())
     h = hashlib.sha256(f"{weights_fingerprint(encoder)} {weight.device.type} {weight.dtype}".encode())
     for e in examples:
@@ -217,26 +230,35 @@ def _cache_key(examples: Sequence[Encoded], encoder) -> str:
     return h.hexdigest()[:24]
 
 
-@torch.inference_mode()
-def cache_encoder_states(examples: Sequence[Encoded], encoder, cache_root: Path, batch_size: int = 8,
-                         show_progress: bool = True) -> torch.Tensor:
-    """Encoder states of every example, computed on the encoder's device and in its dtype once and kept on disk
-    (fp16), keyed on the clips, the encoder weights, device type and dtype, so every run over the same data and
-    teacher (and every resume) reuses them."""
+def _kept_on_disk(path: Path, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """`compute()`'s tensors, read back from `path` when a run already wrote them there (written under another
+    name and renamed, so a run killed mid-write leaves no half file to read)."""
     from safetensors.torch import load_file, save_file
 
-    cache_file = cache_root / f"{_cache_key(examples, encoder)}.safetensors"
-    if cache_file.is_file():
-        return load_file(cache_file)["states"]
+    if path.is_file():
+        return load_file(path)
+    tensors = {name: t.contiguous() for name, t in compute().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, tmp)
+    tmp.rename(path)
+    return tensors
+
+
+@torch.inference_mode()
+def cache_encoder_states(examples: Sequence[Encoded], encoder, key: str, cache_root: Path, batch_size: int = 8,
+                         show_progress: bool = True) -> torch.Tensor:
+    """Encoder states of every example, computed on the encoder's device and in its dtype once and kept on disk
+    (fp16) under `key` (`encoder_states_key`), so every run over the same data and teacher (and every resume)
+    reuses them."""
     weight = next(encoder.parameters())
-    chunks = []
-    for start in tqdm(range(0, len(examples), batch_size), desc="caching encoder states", unit="batch",
-                      disable=not show_progress):
-        feats = torch.from_numpy(np.stack([e.input_features for e in examples[start:start + batch_size]]))
-        chunks.append(encoder(feats.to(weight.device, weight.dtype)).last_hidden_state.to("cpu", torch.float16))
-    states = torch.cat(chunks)
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(".tmp")
-    save_file({"states": states.contiguous()}, tmp)
-    tmp.rename(cache_file)
-    return states
+
+    def compute() -> dict[str, torch.Tensor]:
+        chunks = []
+        for start in tqdm(range(0, len(examples), batch_size), desc="caching encoder states", unit="batch",
+                          disable=not show_progress):
+            feats = torch.from_numpy(np.stack([e.input_features for e in examples[start:start + batch_size]]))
+            chunks.append(encoder(feats.to(weight.device, weight.dtype)).last_hidden_state.to("cpu", torch.float16))
+        return {"states": torch.cat(chunks)}
+
+    return _kept_on_disk(cache_root / f"{key}.safetensors", compute)["states"]

@@ -28,7 +28,8 @@ from asr.errors import AsrError
 from asr.models.loading import load_processor, load_whisper, output_embedding, same_encoder
 from asr.models.registry import cache_dir
 from asr.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from asr.train.data import TrainBatches, cache_encoder_states, load_shard, load_teacher_targets, teacher_decoder_states
+from asr.train.data import (TrainBatches, cache_encoder_states, encoder_states_key, load_shard, load_teacher_targets,
+                            teacher_decoder_states)
 from asr.train.engine import Dist, build_engine, freeze_parts, init_distributed, use_bf16
 from asr.train.evaluate import CheckpointBench
 from asr.train.stream import StreamingBatches
@@ -75,6 +76,7 @@ class Trainer:
         self.stats = SkipStats()
         self.batches = self.load_data(student)
         self.place_teacher(student)
+        self.encoder_key: str | None = None  # the cached encoder states' key, which the teacher's states build on
         self.cache_encoder(student)
         self.cache_teacher()
         self.engine = build_engine(student, self.recipe.train, self.recipe.optim)
@@ -197,7 +199,8 @@ class Trainer:
         if not (isinstance(self.batches, TrainBatches) and r.train.cache_encoder and self.shared_encoder):
             return
         encoder = student.model.encoder.to(self.dist.device, self.dtype)
-        self.batches.encoder_states = cache_encoder_states(self.batches.examples, encoder,
+        self.encoder_key = encoder_states_key(self.batches.examples, encoder)
+        self.batches.encoder_states = cache_encoder_states(self.batches.examples, encoder, self.encoder_key,
                                                            cache_dir() / "encoder-states",
                                                            show_progress=self.dist.is_main)
         for e in self.batches.examples:
@@ -207,13 +210,13 @@ class Trainer:
         """Live KD over cached encoder states: the teacher's final decoder states of every example, computed once
         here (an example's prompt and timestamps are fixed when it is encoded), so each step projects them instead
         of running the teacher's decoder: the same loss, the teacher's decoder run once per example instead of once
-        per epoch. Kept in memory (about a tenth of the encoder states) and recomputed on a resume."""
+        per epoch. About a tenth of the encoder states, kept on disk beside them: a resume reads them back."""
         if not (self.teacher is not None and self.recipe.train.cache_teacher and isinstance(self.batches, TrainBatches)
                 and self.batches.encoder_states is not None):
             return
         self.batches.teacher_targets = teacher_decoder_states(
-            self.batches.examples, self.batches.encoder_states, self.teacher, self.batches.collator,
-            show_progress=self.dist.is_main)
+            self.batches.examples, self.batches.encoder_states, self.encoder_key, self.teacher, self.batches.collator,
+            cache_dir() / "teacher-states", show_progress=self.dist.is_main)
         self.teacher_out = self.teacher.proj_out.weight
 
     # --- one step --------------------------------------------------------------------------------------
