@@ -260,7 +260,7 @@ def test_continued_pretraining_with_unfrozen_encoder(tmp_path, speech_folder, mi
     assert not torch.equal(final.model.encoder.layers[0].fc1.weight, teacher.model.encoder.layers[0].fc1.weight)
 
 
-@pytest.mark.slow  # three runs (120 s); the fast tier keeps resume (test_kd_zero2_...) and streaming batches (test_stream)
+@pytest.mark.slow  # three runs (120 s); the fast tier keeps resume (test_kd_zero2) and streaming batches (test_stream)
 def test_streaming_data_resumes_on_the_same_curve(tmp_path, speech_folder, micro_teacher):
     """data.streaming: batches read as training goes; the checkpoint keeps each rank's stream position, so a
     run stopped at step 2 (mid-epoch: 3 clips per rank, batch 2) and resumed matches the uninterrupted run."""
