@@ -145,6 +145,9 @@ class TrainConfig:
     # decoder token and position embeddings (the token matrix is also the tied output projection: 26.5M of
     # a 2-layer whisper-base student's 35.2M decoder weights) stay the teacher's: fewer gradients and optimizer states
     freeze_embeddings: bool = False
+    # each decoder layer's cross-attention key and value projections stay the teacher's: they read the 1500 encoder
+    # frames of every clip, so with a frozen encoder their backward is skipped (a fifth of a whisper-base step)
+    freeze_cross_attention_kv: bool = False
     cache_encoder: bool = True  # frozen encoder: compute its states once per clip and reuse them every epoch
     share_encoder: bool = True  # frozen identical encoders run once for teacher and student (false: each runs its own)
     # live KD over cached encoder states: the teacher's final decoder states of every example computed once, not every

@@ -34,6 +34,16 @@ def test_counts_match_a_real_pruned_whisper_base():
     assert ce.teacher == 0 and ce.trainable == trainable + 51865 * 512 + 448 * 512  # token and position embeddings
 
 
+def test_frozen_cross_attention_keys_and_values_are_counted_as_the_loop_freezes_them():
+    """train.freeze_cross_attention_kv: each kept layer's k_proj (no bias) and v_proj leave the trainable count."""
+    recipe = load_recipe(recipe_path("quickstart"), ["train.freeze_cross_attention_kv=true"])
+    student = freeze_parts(prune_whisper(load_whisper("whisper-base"), [0, 2, 5]), recipe.train)
+    counts = count_params(recipe, whisper_config("whisper-base"))
+    assert counts.trainable == sum(p.numel() for p in student.parameters() if p.requires_grad)
+    assert count_params(load_recipe(recipe_path("quickstart")), whisper_config("whisper-base")).trainable \
+        - counts.trainable == 3 * (2 * 512 * 512 + 512)
+
+
 def test_zero2_and_zero3_states_shrink_with_gpus_as_deepspeed_says():
     params = ParamCounts(trainable=800_000_000, frozen=0, largest_trainable_layer=66_000_000, teacher=0)
     p, largest = params.trainable, params.largest_trainable_layer

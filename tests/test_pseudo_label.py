@@ -368,10 +368,13 @@ def test_train_batches_carry_the_cached_targets_at_the_labelled_positions():
                 "states": torch.randn(4, 5).half()}]
     batches = TrainBatches(examples, WhisperCollator(0), batch_size=2, seed=0, rank=0, teacher_targets=targets)
     batch = batches.batch(0)
-    for row, i in enumerate(batches.order.indices(0)):
-        mask = batch["labels"][row] != -100
+    order = batches.order.indices(0)
+    start = 0
+    for row, i in enumerate(order):  # one target row per labelled position, in the order labels[mask] takes them
+        labelled = int((batch["labels"][row] != -100).sum())
+        assert labelled == len(targets[i]["ids"])
         for kind, key in (("ids", "topk_ids"), ("logprobs", "topk_logprobs"), ("states", "teacher_states")):
-            assert torch.equal(batch[key][row, mask], targets[i][kind].to(batch[key].dtype))
-            assert not batch[key][row, ~mask].any()
-    assert batch["topk_ids"].shape == (2, 6, 2) and batch["teacher_states"].shape == (2, 6, 5)
+            assert torch.equal(batch[key][start:start + labelled], targets[i][kind].to(batch[key].dtype))
+        start += labelled
+    assert batch["topk_ids"].shape == (7, 2) and batch["teacher_states"].shape == (7, 5)
     assert batch["topk_ids"].dtype == torch.long and batch["teacher_states"].dtype == torch.float32

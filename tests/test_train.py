@@ -274,17 +274,26 @@ def test_streaming_data_resumes_on_the_same_curve(tmp_path, speech_folder, micro
 
 
 @pytest.mark.slow  # two runs (45 s)
-def test_frozen_embeddings_stay_the_teachers_and_the_layers_train(tmp_path, speech_folder, micro_teacher):
-    """train.freeze_embeddings: token/position embeddings (and the tied output projection) are not trained."""
+def test_frozen_embeddings_and_cross_attention_stay_the_teachers_and_the_layers_train(tmp_path, speech_folder,
+                                                                                      micro_teacher):
+    """train.freeze_embeddings: token/position embeddings (and the tied output projection) are not trained;
+    train.freeze_cross_attention_kv: nor are the key and value projections of the encoder states (the layer's
+    query still is)."""
     run = tmp_path / "frozen"
     asr_run(write_recipe(tmp_path / "frozen.yaml", str(micro_teacher), speech_folder, objective={"method": "kd"},
-                         train={"freeze_embeddings": True, "max_steps": 2, "save_every": 2},
+                         train={"freeze_embeddings": True, "freeze_cross_attention_kv": True, "max_steps": 2,
+                                "save_every": 2},
                          tracking={"wandb": False}), run)
     teacher, final = load_whisper(str(micro_teacher)), load_whisper(str(run / "final"))
     for name in ("embed_tokens", "embed_positions"):
         assert torch.equal(getattr(final.model.decoder, name).weight, getattr(teacher.model.decoder, name).weight)
     assert torch.equal(final.proj_out.weight, teacher.proj_out.weight)
-    assert not torch.equal(final.model.decoder.layers[0].fc1.weight, teacher.model.decoder.layers[0].fc1.weight)
+    student_layer, teacher_layer = final.model.decoder.layers[0], teacher.model.decoder.layers[0]  # layer 0 kept
+    assert not torch.equal(student_layer.fc1.weight, teacher_layer.fc1.weight)
+    for name in ("k_proj", "v_proj"):
+        assert torch.equal(getattr(student_layer.encoder_attn, name).weight,
+                           getattr(teacher_layer.encoder_attn, name).weight)
+    assert not torch.equal(student_layer.encoder_attn.q_proj.weight, teacher_layer.encoder_attn.q_proj.weight)
 
 
 def test_kd_trains_on_timestamped_and_prompted_targets(tmp_path, micro_teacher):

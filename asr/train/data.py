@@ -107,8 +107,8 @@ BATCH_KEYS = {"ids": "topk_ids", "logprobs": "topk_logprobs", "states": "teacher
 @dataclass
 class TrainBatches:
     """Collated batches for any step, with `encoder_states` in place of features when cached, and the cached
-    teacher targets (`topk_ids` and `topk_logprobs` [B, T, K], or `teacher_states` [B, T, d]) filled in at the
-    labelled positions when given."""
+    teacher targets when given: `topk_ids` and `topk_logprobs` [N, K], or `teacher_states` [N, d], one row per
+    labelled position of the batch (row-major, as `labels[labels != IGNORE_INDEX]` orders them)."""
 
     examples: list[Encoded]
     collator: WhisperCollator
@@ -132,14 +132,10 @@ class TrainBatches:
         if self.encoder_states is not None:
             del batch["input_features"]
             batch["encoder_states"] = self.encoder_states[idx]
-        if self.teacher_targets is not None:
-            labels = batch["labels"]
-            for kind, first in self.teacher_targets[0].items():
+        if self.teacher_targets is not None:  # rows in the order of labels[labels != IGNORE_INDEX]
+            for kind in self.teacher_targets[0]:
                 dtype = torch.long if kind == "ids" else torch.float32
-                full = torch.zeros((*labels.shape, first.shape[1]), dtype=dtype)
-                for row, i in enumerate(idx):
-                    full[row, labels[row] != IGNORE_INDEX] = self.teacher_targets[i][kind].to(dtype)
-                batch[BATCH_KEYS[kind]] = full
+                batch[BATCH_KEYS[kind]] = torch.cat([self.teacher_targets[i][kind] for i in idx]).to(dtype)
         return batch
 
 
@@ -193,10 +189,12 @@ def teacher_decoder_states(examples: Sequence[Encoded], encoder_states: torch.Te
     """The teacher's final decoder states at each example's labelled positions ({"states": [P, d]}, on the CPU in
     the teacher's dtype), from the cached encoder states (`states_key`: their cache key), in batches of similar
     length: with them a step gets the live teacher's logits from one projection instead of running its decoder
-    every epoch. Kept on disk like the encoder states, keyed on those, the teacher's weights and every example's
-    decoder sequence, so a resume or another run over the same layout reads them back."""
+    every epoch. Kept on disk like the encoder states, keyed on those, the teacher's decoder weights (the encoder's
+    are in `states_key`) and every example's decoder sequence, so a resume or another run over the same layout reads
+    them back."""
     weight = next(teacher.parameters())
-    h = hashlib.sha256(f"{states_key} {weights_fingerprint(teacher)} {weight.device.type} {weight.dtype}".encode())
+    h = hashlib.sha256(f"{states_key} {weights_fingerprint(teacher.model.decoder)} {weight.device.type} "
+                       f"{weight.dtype}".encode())
     for e in examples:
         h.update(np.asarray(e.decoder_input_ids + [-1] + e.labels, dtype=np.int64).tobytes())
 

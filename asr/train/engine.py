@@ -87,6 +87,10 @@ def freeze_parts(student, train: TrainConfig):
     if train.freeze_embeddings:
         student.model.decoder.embed_tokens.requires_grad_(False)
         student.model.decoder.embed_positions.requires_grad_(False)
+    if train.freeze_cross_attention_kv:
+        for layer in student.model.decoder.layers:
+            layer.encoder_attn.k_proj.requires_grad_(False)
+            layer.encoder_attn.v_proj.requires_grad_(False)
     return student
 
 

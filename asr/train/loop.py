@@ -238,10 +238,10 @@ class Trainer:
                 encoder_states = out.encoder_last_hidden_state.detach()
         o, targets = self.recipe.objective, labels[mask]
         if "teacher_states" in batch:  # exact: the teacher's logits from its cached final states
-            teacher_logits = batch["teacher_states"].to(dev, self.teacher_out.dtype)[mask] @ self.teacher_out.T
+            teacher_logits = batch["teacher_states"].to(dev, self.teacher_out.dtype) @ self.teacher_out.T
             return kd_loss(out.logits, teacher_logits, targets, o.temperature, o.alpha_kl, o.alpha_ce)
         if "topk_ids" in batch:
-            return kd_loss_topk(out.logits, batch["topk_ids"].to(dev)[mask], batch["topk_logprobs"].to(dev)[mask],
+            return kd_loss_topk(out.logits, batch["topk_ids"].to(dev), batch["topk_logprobs"].to(dev),
                                 targets, o.temperature, o.alpha_kl, o.alpha_ce)
         if self.teacher is None:
             ce = ce_loss(out.logits, targets)
