@@ -146,7 +146,7 @@ class TrainConfig:
     # a 2-layer whisper-base student's 35.2M decoder weights) stay the teacher's: fewer gradients and optimizer states
     freeze_embeddings: bool = False
     # each decoder layer's cross-attention key and value projections stay the teacher's: they read the 1500 encoder
-    # frames of every clip, so with a frozen encoder their backward is skipped (a fifth of a whisper-base step)
+    # frames of every clip, so with a frozen encoder their backward (weight gradients over every frame) is skipped
     freeze_cross_attention_kv: bool = False
     cache_encoder: bool = True  # frozen encoder: compute its states once per clip and reuse them every epoch
     share_encoder: bool = True  # frozen identical encoders run once for teacher and student (false: each runs its own)
