@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import subprocess
 from pathlib import Path
 
 import datasets
@@ -12,7 +13,7 @@ import pytest
 import soundfile as sf
 import yaml
 
-from asr.data import augment
+from asr.data import augment, tts
 from asr.data.loading import timed_segments
 from asr.data.synth import COLUMNS, build_corpus, load_synth_config
 from asr.data.texts import clean_sentence, load_pool, load_pools
@@ -137,6 +138,23 @@ def test_every_voice_in_the_yaml_speaks():
         assert audio.dtype == np.float32 and audio.ndim == 1, name
         assert 1.0 < len(audio) / SR < 10.0, name
         assert np.sqrt(np.mean(audio**2)) > 0.01, f"{name} is silent"
+
+
+def test_festival_kept_running_speaks_as_text2wave_does_and_outlives_a_crash(tmp_path):
+    """Each voice stays loaded in one festival process; its audio must stay text2wave's, sample for sample, over
+    several utterances and rates, and a process that dies is replaced for the next utterance."""
+    def text2wave(text: str, rate: float) -> np.ndarray:
+        (tmp_path / "in.txt").write_text(text, encoding="utf-8")
+        subprocess.run(["text2wave", "-eval", "(voice_kal_diphone)", "-eval",
+                        f"(Parameter.set 'Duration_Stretch {1.0 / rate:.4f})", "-o", str(tmp_path / "o.wav"),
+                        str(tmp_path / "in.txt")], check=True, capture_output=True)
+        return sf.read(tmp_path / "o.wav", dtype="float32")[0]
+
+    spec = {"engine": "festival", "voice": "kal_diphone"}
+    for text, rate in [(SENTENCE, 1.1), ("Stop. Look both ways! Then cross.", 0.9), ("Yes.", 1.1)]:
+        assert np.array_equal(synthesize({**spec, "rate": rate}, text, 16000), text2wave(text, rate)), text
+    tts._FESTIVAL_VOICES["kal_diphone"].close()  # as if it had crashed between two clips
+    assert np.array_equal(synthesize({**spec, "rate": 1.1}, "Yes.", 16000), text2wave("Yes.", 1.1))
 
 
 def test_missing_engine_voice_names_the_fix():

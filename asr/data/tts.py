@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import importlib
 import json
@@ -17,6 +18,7 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
+from asr.data.festival import FestivalError, FestivalVoice
 from asr.errors import AsrError
 
 ENGINES = ("espeak", "flite", "festival", "pico", "piper")
@@ -154,22 +156,45 @@ def _flite(spec: dict[str, Any], text: str) -> tuple[np.ndarray, int]:
 def _festival(spec: dict[str, Any], text: str) -> tuple[np.ndarray, int]:
     name = voice_id(spec)
     encoding = "latin-1" if spec["voice"] in FESTIVAL_LATIN1 else "utf-8"
+    voice = _festival_voice(spec["voice"])
     with tempfile.TemporaryDirectory() as tmp:
-        src, out = Path(tmp, "in.txt"), Path(tmp, "out.wav")
+        src = Path(tmp, "in.txt")
         try:
             src.write_text(text, encoding=encoding)
         except UnicodeEncodeError as err:
             raise SynthesisFailed(f"{name} reads {encoding} text; {text!r} does not fit it") from err
-        cmd = ["text2wave", "-eval", f"(voice_{spec['voice']})"]
-        if spec.get("rate", 1.0) != 1.0:
-            cmd += ["-eval", f"(Parameter.set 'Duration_Stretch {1.0 / spec['rate']:.4f})"]
-        proc = _run(cmd + ["-o", str(out), str(src)], name)
-        if f"unbound variable : voice_{spec['voice']}" in proc.stderr:  # text2wave exits 0 on a missing voice
-            package = FESTIVAL_VOICE_PACKAGES.get(spec["voice"], "the festvox package of that voice")
-            raise AsrError(f"voice {name} is not installed in festival; run: sudo apt-get install {package}")
-        if "SIOD ERROR" in proc.stderr:
-            raise SynthesisFailed(f"{name} failed: {proc.stderr.strip()[:300]}")
-        return _read_wav(out, name, proc)
+        try:
+            waves = voice.say(src, Path(tmp), 1.0 / spec["rate"] if spec.get("rate", 1.0) != 1.0 else None)
+        except FestivalError as err:
+            _FESTIVAL_VOICES.pop(spec["voice"]).close()  # a fresh process for the next utterance
+            raise SynthesisFailed(f"{name} failed: {err}") from err
+        if not waves:
+            raise SynthesisFailed(f"{name} produced no audio for {text!r}")
+        parts = [sf.read(w, dtype="float32", always_2d=True) for w in waves]
+        return np.concatenate([a.mean(axis=1) for a, _ in parts]), parts[0][1]
+
+
+_FESTIVAL_VOICES: dict[str, FestivalVoice] = {}
+atexit.register(lambda: [v.close() for v in _FESTIVAL_VOICES.values()])
+
+
+def _festival_voice(voice: str) -> FestivalVoice:
+    """This process's festival with `voice` loaded, started on first use."""
+    if voice in _FESTIVAL_VOICES and _FESTIVAL_VOICES[voice].alive():
+        return _FESTIVAL_VOICES[voice]
+    try:
+        started = FestivalVoice(voice, _TIMEOUT_S)
+    except FileNotFoundError:
+        raise AsrError(f"voice festival:{voice} needs `festival`, which is not installed; "
+                       f"run: {INSTALL_HINT['festival']}") from None
+    except FestivalError as err:
+        raise SynthesisFailed(f"festival:{voice} failed to start: {err}") from err
+    if f"unbound variable : voice_{voice}" in started.setup_log:  # the voice's package is not installed
+        started.close()
+        package = FESTIVAL_VOICE_PACKAGES.get(voice, "the festvox package of that voice")
+        raise AsrError(f"voice festival:{voice} is not installed in festival; run: sudo apt-get install {package}")
+    _FESTIVAL_VOICES[voice] = started
+    return started
 
 
 def _pico_engine(language: str):
