@@ -140,9 +140,10 @@ def test_every_voice_in_the_yaml_speaks():
         assert np.sqrt(np.mean(audio**2)) > 0.01, f"{name} is silent"
 
 
-def test_festival_kept_running_speaks_as_text2wave_does_and_outlives_a_crash(tmp_path):
-    """Each voice stays loaded in one festival process; its audio must stay text2wave's, sample for sample, over
-    several utterances and rates, and a process that dies is replaced for the next utterance."""
+def test_festival_reads_a_clip_in_one_process_as_text2wave_does_and_stops_after_it(tmp_path):
+    """A clip's sentences go through one festival process (a voice loads once, not per sentence), with
+    text2wave's audio sample for sample; the process ends with the clip, so no clip hears festival's state from
+    another, and one that dies mid-clip is replaced for the next sentence."""
     def text2wave(text: str, rate: float) -> np.ndarray:
         (tmp_path / "in.txt").write_text(text, encoding="utf-8")
         subprocess.run(["text2wave", "-eval", "(voice_kal_diphone)", "-eval",
@@ -151,10 +152,14 @@ def test_festival_kept_running_speaks_as_text2wave_does_and_outlives_a_crash(tmp
         return sf.read(tmp_path / "o.wav", dtype="float32")[0]
 
     spec = {"engine": "festival", "voice": "kal_diphone"}
-    for text, rate in [(SENTENCE, 1.1), ("Stop. Look both ways! Then cross.", 0.9), ("Yes.", 1.1)]:
-        assert np.array_equal(synthesize({**spec, "rate": rate}, text, 16000), text2wave(text, rate)), text
-    tts._FESTIVAL_VOICES["kal_diphone"].close()  # as if it had crashed between two clips
-    assert np.array_equal(synthesize({**spec, "rate": 1.1}, "Yes.", 16000), text2wave("Yes.", 1.1))
+    with tts.one_reading():
+        for text, rate in [(SENTENCE, 1.1), ("Stop. Look both ways! Then cross.", 0.9), ("Yes.", 1.1)]:
+            assert np.array_equal(synthesize({**spec, "rate": rate}, text, 16000), text2wave(text, rate)), text
+        process = tts._FESTIVAL_VOICES["kal_diphone"].proc
+        tts._FESTIVAL_VOICES["kal_diphone"].close()  # as if it had crashed between two sentences
+        assert np.array_equal(synthesize({**spec, "rate": 1.1}, "Yes.", 16000), text2wave("Yes.", 1.1))
+        assert tts._FESTIVAL_VOICES["kal_diphone"].proc is not process
+    assert not tts._FESTIVAL_VOICES and process.poll() is not None
 
 
 def test_missing_engine_voice_names_the_fix():

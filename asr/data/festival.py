@@ -1,6 +1,8 @@
-"""One long-lived festival process per voice: loading a voice costs 0.5-1 s per `text2wave` call, the utterance
-itself ~0.1 s, and a clip of several sentences makes one call per sentence. The process reads Scheme on stdin and
-runs text2wave's own steps (tts_file with a hook that saves each utterance), so the audio is text2wave's."""
+"""A festival process with one voice loaded, read through a pipe: loading a voice costs 0.5-1 s per `text2wave`
+call, an utterance ~0.1 s, and a clip of several sentences makes one call per sentence. The process runs
+text2wave's own steps (tts_file with a hook that saves each utterance), so its first utterance is text2wave's,
+sample for sample; later ones may differ by a few LSB (festival keeps state), hence one process per clip
+(`tts.one_reading`)."""
 
 from __future__ import annotations
 

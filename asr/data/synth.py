@@ -27,7 +27,8 @@ from tqdm import tqdm
 from asr.data.augment import random_augment
 from asr.data.features import TIME_STEP_S
 from asr.data.texts import load_pools
-from asr.data.tts import PITCH_ENGINES, SynthesisFailed, check_voice, expand_voices, synthesize, voice_id
+from asr.data.tts import (PITCH_ENGINES, SynthesisFailed, check_voice, expand_voices, one_reading, synthesize,
+                          voice_id)
 from asr.errors import AsrError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "data" / "synthetic.yaml"
@@ -220,8 +221,9 @@ def _attempt(job: _Job, plan: dict[str, Any], rng: np.random.Generator) -> tuple
     """One try at a clip: its final audio and augmentation description, or the reason it was rejected."""
     cfg = job.cfg
     try:
-        audio = _speak(job, plan)
-        plan["timed_previous"] = _timed_previous(job, plan)
+        with one_reading():
+            audio = _speak(job, plan)
+            plan["timed_previous"] = _timed_previous(job, plan)
     except SynthesisFailed:
         return "tts_failed"
     if float(np.sqrt(np.mean(audio**2))) < float(cfg.get("min_rms", 0.01)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import importlib
 import json
@@ -11,7 +12,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import soundfile as sf
@@ -175,7 +176,25 @@ def _festival(spec: dict[str, Any], text: str) -> tuple[np.ndarray, int]:
 
 
 _FESTIVAL_VOICES: dict[str, FestivalVoice] = {}
-atexit.register(lambda: [v.close() for v in _FESTIVAL_VOICES.values()])
+
+
+def close_festival() -> None:
+    while _FESTIVAL_VOICES:
+        _FESTIVAL_VOICES.popitem()[1].close()
+
+
+atexit.register(close_festival)
+
+
+@contextlib.contextmanager
+def one_reading() -> Iterator[None]:
+    """Festival voices started inside stop at the end. A festival process carries state from one utterance to the
+    next (a diphone voice's utterance can end a few LSB differently after some others), so a clip read inside one
+    depends on its own sentences alone, not on what its worker read before: same seed, same bytes."""
+    try:
+        yield
+    finally:
+        close_festival()
 
 
 def _festival_voice(voice: str) -> FestivalVoice:
