@@ -8,6 +8,8 @@ Logits come as [B, T, V] with labels [B, T], or as the labelled positions alone,
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -20,17 +22,19 @@ def ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
-def _labelled(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`x` at the labelled positions; unchanged when all are (the step's [N, V] logits), not copied once more."""
-    return x if bool(mask.all()) else x[mask]
+def _labelled(mask: torch.Tensor) -> Any:
+    """The index of the labelled positions: `...` (a view, no copy) when all are, as in the step's [N, V] logits.
+    One host sync per loss, however many tensors it indexes."""
+    return ... if bool(mask.all()) else mask
 
 
 def kl_teacher_student(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                        temperature: float = 2.0) -> torch.Tensor:
     """Mean over labelled tokens of KL(softmax(teacher/T) ‖ softmax(student/T)) (not yet scaled by T²)."""
     mask = labels != IGNORE_INDEX
-    s = F.log_softmax(_labelled(student_logits, mask).float() / temperature, dim=-1)
-    t = F.log_softmax(_labelled(teacher_logits, mask).float() / temperature, dim=-1)
+    at = _labelled(mask)
+    s = F.log_softmax(student_logits.float()[at] / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float()[at] / temperature, dim=-1)
     return (t.exp() * (t - s)).sum(-1).mean() if mask.any() else student_logits.sum() * 0.0
 
 
@@ -53,8 +57,9 @@ def kl_topk_and_rest(student_logits: torch.Tensor, topk_ids: torch.Tensor, teach
     mask = labels != IGNORE_INDEX
     if not mask.any():
         return student_logits.sum() * 0.0
-    s = F.log_softmax(_labelled(student_logits, mask).float() / temperature, dim=-1)
-    ids, t = _labelled(topk_ids, mask).long(), _labelled(teacher_logprobs, mask).float()
+    at = _labelled(mask)
+    s = F.log_softmax(student_logits.float()[at] / temperature, dim=-1)
+    ids, t = topk_ids[at].long(), teacher_logprobs[at].float()
     s_top = s.gather(-1, ids)
     kl = (t.exp() * (t - s_top)).sum(-1)
     if ids.shape[-1] < s.shape[-1]:  # a rest outcome exists
