@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -168,6 +169,22 @@ print(weight.dtype, tuple(trainer.batches.encoder_states.shape), torch.equal(tra
 sys.stdout.flush()
 os._exit(0)
 """
+
+
+def test_encoder_state_cache_key_sees_a_change_anywhere_in_a_clip():
+    """Same id, same first half second, other speech after it: other encoder states, so another cache key."""
+    from asr.data.features import Encoded
+    from asr.train.data import encoder_states_key
+
+    encoder = torch.nn.Linear(4, 4)
+    clip = np.zeros((80, 3000), np.float32)
+    later = clip.copy()
+    later[:, 2000] = 1.0
+
+    def key(features: np.ndarray) -> str:
+        return encoder_states_key([Encoded("000000.wav", features, [1], [2], "a", "en")], encoder)
+
+    assert key(clip) == key(clip.copy()) != key(later)
 
 
 @pytest.mark.slow  # 25 s
