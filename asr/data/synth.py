@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from asr.data.augment import random_augment
 from asr.data.features import TIME_STEP_S
-from asr.data.texts import load_pools
+from asr.data.texts import POOL_VERSION, load_pools
 from asr.data.tts import (PITCH_ENGINES, SynthesisFailed, check_voice, expand_voices, one_reading, synthesize,
                           voice_id)
 from asr.errors import AsrError
@@ -49,10 +49,10 @@ def load_synth_config(path: str | Path | None = None) -> dict[str, Any]:
     if not path.is_file():
         raise AsrError(f"synthetic corpus config {path} not found; pass config_path= or run from the repository")
     cfg = yaml.safe_load(path.read_text())
-    cfg["_path"], cfg["_sha256"] = str(path), hashlib.sha256(path.read_bytes()).hexdigest()
     splits = cfg.get("splits") or {}
     if set(splits) != set(SPLITS):
         raise AsrError(f"{path}: `splits` must define exactly {SPLITS}, found {sorted(splits)}")
+    cfg["_path"], cfg["_sha256"] = str(path), _config_sha256(path, splits)
     for name, split in splits.items():
         for entry in split.get("voices") or []:
             if not {"engine", "voice"} <= set(entry) or entry.get("weight", 1) <= 0:
@@ -74,9 +74,21 @@ def load_synth_config(path: str | Path | None = None) -> dict[str, Any]:
     return cfg
 
 
+def _config_sha256(path: Path, splits: dict[str, Any]) -> str:
+    """The yaml and the text files it names (`file:` pools): editing a sentence list changes the corpus too."""
+    digest = hashlib.sha256(path.read_bytes())
+    files = {s for split in splits.values() for pool in (split.get("texts") or {}).values() for s in pool
+             if s.startswith("file:")}
+    for source in sorted(files):
+        text_file = path.parent / source[len("file:"):]
+        digest.update(source.encode() + (text_file.read_bytes() if text_file.is_file() else b""))
+    return digest.hexdigest()
+
+
 def corpus_digest(cfg: dict[str, Any]) -> str:
-    """Names a build's corpus: the yaml's content and this builder's format, so neither change reuses a stale set."""
-    return hashlib.sha256(f"{cfg['_sha256']}:{CORPUS_FORMAT}".encode()).hexdigest()[:8]
+    """Names a build's corpus: the yaml and its text files, this builder's format and the text pools' filter, so
+    no change of them reuses a stale set."""
+    return hashlib.sha256(f"{cfg['_sha256']}:{CORPUS_FORMAT}:{POOL_VERSION}".encode()).hexdigest()[:8]
 
 
 @dataclass

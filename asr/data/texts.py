@@ -16,7 +16,7 @@ import yaml
 from asr.errors import AsrError
 
 MIN_WORDS, MAX_WORDS = 5, 22
-_CACHE_VERSION = 3  # bump when the filter changes, so cached pools are rebuilt
+POOL_VERSION = 4  # bump when the filter changes, so cached pools (and the corpora read from them) are rebuilt
 _QUESTION_START = re.compile(  # a wh-word, or an auxiliary then a subject ("Do you", not "Do it now")
     r"^(what(?! an? )|who|whom|whose|which|why|where|when|how|(is|are|am|was|were|do|does|did|can|could|"
     r"would|will|should|shall|have|has) (you|i|we|he|she|they)|(is|was|does|did) it)\b", re.IGNORECASE)
@@ -103,7 +103,12 @@ def _chatterbot() -> Iterable[str]:
 
 
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
-_ASCII_ACCENT = re.compile(r"[aeiouAEIOU]'(?![^\W\d_])")  # "perche'" for "perché": unknown accent, drop
+_ASCII_ACCENT = re.compile(r"[aeiouAEIOU]'(?![^\W\d_])")  # "perche'" for "perché": an accent written in ASCII
+_ASCII_ACCENTED_WORD = re.compile(r"\b\w+'(?![^\W\d_])")
+_OPENING_QUOTE = re.compile(r"(?:^|[\s(])'(?=\w)")
+_ITALIAN_APOSTROPHES = {"po'", "be'", "mo'", "di'", "de'", "fa'", "va'", "sta'", "to'"}  # "un po'" = "un poco"
+_ITALIAN_ACUTE_E = re.compile(r"(?:\w*ch|n|s)e'", re.IGNORECASE)  # perché, finché, né, sé; the rest are grave
+_GRAVE = dict(zip("aeiouAEIOU", "àèìòùÀÈÌÒÙ"))
 HELD_OUT_PARTS = 10  # `fortunes:<lang>:heldout` is the sentences whose crc32 is 0 mod this; train gets the rest
 # English fortunes (Debian `fortunes` and `fortunes-min`) sit in the top directory beside fortunes-it's files, so
 # they are named. Left out: pictures (art, ascii-art), code and jargon (computers, debian, linux, linuxcookie,
@@ -118,7 +123,9 @@ EN_FORTUNE_FILES = (
 def _fortunes(lang: str) -> Iterable[str]:
     """Sayings and quotations of Debian's fortunes-<lang> (`fortunes` for en; GPL; files under `off/`, the offensive set, are
     left out): entries split on `%` lines, `-- author` attributions dropped, then split into sentences.
-    Sentences writing an accent as a trailing apostrophe are dropped: a student must not learn that spelling."""
+    fortunes-it writes accents in ASCII, as an apostrophe after the vowel: those are spelled as Italian writes them
+    (`_italian_accents`); in the other languages such sentences are dropped. A student must not learn either
+    spelling, nor an Italian without "è", "più" or "perché" (dropping them took 44% of fortunes-it)."""
     if lang == "en":
         files = [p for p in (FORTUNES_DIR / name for name in EN_FORTUNE_FILES) if p.is_file()]
         package = "fortunes fortunes-min"
@@ -133,7 +140,27 @@ def _fortunes(lang: str) -> Iterable[str]:
         text = path.read_bytes().decode("utf-8", errors="replace")
         for entry in re.split(r"\n%\n", text):
             body = re.split(r"(?m)^\s*(?:--|—)", entry)[0]  # the attribution runs to the entry's end
-            yield from (s for s in split_sentences(body) if not _ASCII_ACCENT.search(s))
+            sentences = split_sentences(body)
+            if lang == "it":
+                yield from filter(None, map(_italian_accents, sentences))
+            else:
+                yield from (s for s in sentences if not _ASCII_ACCENT.search(s))
+
+
+def _italian_accents(sentence: str) -> str | None:
+    """ "E' cosi' perche'" -> "È così perché": the grave accent, acute on -ché, né and sé, and the words that do
+    end in an apostrophe kept ("un po'"). None when the sentence opens a single quote, whose closing one would
+    read as an accent."""
+    if _OPENING_QUOTE.search(sentence):
+        return None
+
+    def spell(match: re.Match) -> str:
+        word = match.group()
+        if word.lower() in _ITALIAN_APOSTROPHES or word[-2] not in _GRAVE:
+            return word
+        return word[:-2] + ("é" if _ITALIAN_ACUTE_E.fullmatch(word) else _GRAVE[word[-2]])
+
+    return _ASCII_ACCENTED_WORD.sub(spell, sentence)
 
 
 BUILTIN_SOURCES: dict[str, Callable[[], Iterable[str]]] = {
@@ -163,7 +190,7 @@ def load_pool(source: str, base_dir: Path | None = None) -> list[str]:
             raise AsrError(f"text source {source}: {path} does not exist; fix the path in the synthetic yaml")
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if not line.startswith("#")]
         return _dedup(clean_sentence(line, ascii_only=False) for line in lines)
-    cached = cache_dir() / f"{source.replace(':', '-')}.v{_CACHE_VERSION}.txt"
+    cached = cache_dir() / f"{source.replace(':', '-')}.v{POOL_VERSION}.txt"
     if cached.is_file():
         return cached.read_text(encoding="utf-8").splitlines()
     pool = _builtin_pool(source)

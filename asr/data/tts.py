@@ -107,6 +107,7 @@ def _check_voice(engine: str, voice: str) -> None:
             raise AsrError(f"voice {name}: flite has no voice {voice!r}; available: {' '.join(_flite_voices())}")
     elif engine == "festival":
         _festival({"engine": engine, "voice": voice}, "Hello.")
+        _FESTIVAL_VOICES.pop(voice).close()  # the clip read next must not hear this "Hello." (see `one_reading`)
     elif engine == "pico":
         _pico_engine(voice)
     elif engine == "piper":
