@@ -226,7 +226,7 @@ def encoder_states_key(examples: Sequence[Encoded], encoder) -> str:
     h = hashlib.sha256(f"{weights_fingerprint(encoder)} {weight.device.type} {weight.dtype}".encode())
     for e in examples:
         h.update(e.id.encode())
-        h.update(np.ascontiguousarray(e.input_features).tobytes())
+        h.update(np.ascontiguousarray(e.input_features))  # the array's buffer: no copy of it
     return h.hexdigest()[:24]
 
 

@@ -23,19 +23,22 @@ def ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def _labelled(mask: torch.Tensor) -> Any:
-    """The index of the labelled positions: `...` (a view, no copy) when all are, as in the step's [N, V] logits.
-    One host sync per loss, however many tensors it indexes."""
-    return ... if bool(mask.all()) else mask
+    """The index of the labelled positions: `...` (a view, no copy) when all are, as in the step's [N, V] logits;
+    None when none is. The loss's one host sync, however many tensors it indexes. Index before `.float()`: bf16
+    logits of a padded batch are cast at the labelled rows only, not copied whole in fp32."""
+    labelled = int(mask.sum())
+    return None if labelled == 0 else ... if labelled == mask.numel() else mask
 
 
 def kl_teacher_student(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                        temperature: float = 2.0) -> torch.Tensor:
     """Mean over labelled tokens of KL(softmax(teacher/T) ‖ softmax(student/T)) (not yet scaled by T²)."""
-    mask = labels != IGNORE_INDEX
-    at = _labelled(mask)
-    s = F.log_softmax(student_logits.float()[at] / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.float()[at] / temperature, dim=-1)
-    return (t.exp() * (t - s)).sum(-1).mean() if mask.any() else student_logits.sum() * 0.0
+    at = _labelled(labels != IGNORE_INDEX)
+    if at is None:
+        return student_logits.sum() * 0.0
+    s = F.log_softmax(student_logits[at].float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits[at].float() / temperature, dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean()
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -54,11 +57,10 @@ def kl_topk_and_rest(student_logits: torch.Tensor, topk_ids: torch.Tensor, teach
     `teacher_logprobs` are the teacher's log-probs at this temperature, normalized over the whole vocabulary, so
     the teacher's rest is 1 - Σ exp(teacher_logprobs). Only how each side spreads its rest over the tail is lost.
     """
-    mask = labels != IGNORE_INDEX
-    if not mask.any():
+    at = _labelled(labels != IGNORE_INDEX)
+    if at is None:
         return student_logits.sum() * 0.0
-    at = _labelled(mask)
-    s = F.log_softmax(student_logits.float()[at] / temperature, dim=-1)
+    s = F.log_softmax(student_logits[at].float() / temperature, dim=-1)
     ids, t = topk_ids[at].long(), teacher_logprobs[at].float()
     s_top = s.gather(-1, ids)
     kl = (t.exp() * (t - s_top)).sum(-1)
