@@ -38,7 +38,14 @@ def _data_synth(args: argparse.Namespace) -> None:
     build_corpus(Path(args.out), split=args.split, num=args.num, seed=args.seed, workers=args.workers,
                  languages=tuple(args.languages.split(",")), sentences=_pair(args.sentences, int, "--sentences"),
                  long_s=None if args.long is None else _pair(args.long, float, "--long"),
-                 windows=args.windows)  # prints a summary
+                 windows=args.windows, language_weights=_weights(args.language_weights))  # prints a summary
+
+
+def _weights(text: str) -> dict[str, float]:
+    try:
+        return {lang: float(weight) for lang, weight in (item.split("=") for item in text.split(",") if item)}
+    except ValueError:
+        raise AsrError(f"--language-weights takes LANG=WEIGHT,... (e.g. ru=2,it=1.5), got {text!r}") from None
 
 
 def _pair(text: str, kind: type, flag: str) -> tuple:
@@ -210,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     synth.add_argument("--languages", default="en", help="comma-separated, e.g. en,de,es,fr,it")
+    synth.add_argument("--language-weights", default="", metavar="LANG=W,...",
+                       help="a language's share of the clips relative to the others (1 unless named), e.g. ru=2")
     synth.add_argument("--sentences", default="1,1",
                        help="sentences per clip LOW,HIGH (one voice, pauses between; each timed in `segments`)")
     synth.add_argument("--long", nargs="?", const="60,180", metavar="LOW,HIGH",

@@ -40,6 +40,8 @@ class SynthConfig:
     num: int = 100
     seed: int = 0
     languages: list[str] = field(default_factory=lambda: ["en"])
+    # a language's share of the clips relative to the others (1 unless named), e.g. {ru: 2}: more of a hard one
+    language_weights: dict[str, float] = field(default_factory=dict)
     # sentences per clip [low, high], one voice with pauses: several sentences share one 30 s encoder window
     sentences: list[int] = field(default_factory=lambda: [1, 1])
     long: list[float] | None = None  # [low, high] s: long-form files of consecutive sentences (`--long`)

@@ -33,12 +33,15 @@ def synth_dataset(spec: SynthConfig) -> str:
     packed = "" if spec.sentences == [1, 1] else f"-p{spec.sentences[0]}-{spec.sentences[1]}"
     packed += f"-L{spec.long[0]:g}-{spec.long[1]:g}" if spec.long else ""
     packed += f"-w{spec.windows:g}" if spec.windows else ""
-    name = f"{spec.split}-n{spec.num}-s{spec.seed}-{'-'.join(spec.languages)}{packed}-c{digest}"
+    weights = spec.language_weights
+    languages = '-'.join(f"{lang}{weights[lang]:g}" if weights.get(lang, 1) != 1 else lang for lang in spec.languages)
+    name = f"{spec.split}-n{spec.num}-s{spec.seed}-{languages}{packed}-c{digest}"
     out = cache_dir() / "synth" / name
     if not (out / "metadata.csv").is_file() or len((out / "metadata.csv").read_text().splitlines()) <= spec.num:
         build_corpus(out, split=spec.split, num=spec.num, seed=spec.seed, languages=tuple(spec.languages),
                      sentences=(spec.sentences[0], spec.sentences[1]),
-                     long_s=(spec.long[0], spec.long[1]) if spec.long else None, windows=spec.windows)
+                     long_s=(spec.long[0], spec.long[1]) if spec.long else None, windows=spec.windows,
+                     language_weights=weights)
     return str(out)
 
 
@@ -97,6 +100,12 @@ def check_recipe(recipe: Recipe) -> None:
         if spec is not None and not (len(spec.sentences) == 2 and 1 <= spec.sentences[0] <= spec.sentences[1]):
             raise AsrError(f"data.{key}.sentences must be [low, high] with 1 <= low <= high, e.g. [1, 4]; "
                            f"got {spec.sentences}")
+        if spec is not None and spec.language_weights:
+            from asr.data.synth import mix_weights
+            try:
+                mix_weights(spec.languages, spec.language_weights)
+            except AsrError as err:
+                raise AsrError(f"data.{key}.language_weights: {err}") from None
         if spec is not None and spec.long is not None:
             raise AsrError(f"data.{key}.long: long-form files do not fit a 30 s window; name them in "
                            "data.long_eval.synth instead")
@@ -173,7 +182,8 @@ def resolve_data(recipe: Recipe) -> Recipe:
 
 def _synth_per_language(spec: SynthConfig | None) -> list[str]:
     """One synthetic set per language, so each has its own WER column."""
-    return [synth_dataset(dataclasses.replace(spec, languages=[lang])) for lang in spec.languages] if spec else []
+    return [synth_dataset(dataclasses.replace(spec, languages=[lang], language_weights={}))
+            for lang in spec.languages] if spec else []
 
 
 def validate_recipe(recipe_path: Path, overrides: list[str]) -> Recipe:

@@ -156,6 +156,25 @@ def test_synthetic_eval_is_one_set_per_language_named_by_the_corpus_config(tmp_p
     assert languages == [{"de"}, {"fr"}]
 
 
+def test_language_weights_name_the_training_build_and_must_name_its_languages(tmp_path, monkeypatch):
+    """The weights are part of the build's name (another mix is another corpus); each eval language is its own
+    set either way, and a weight for a language the build does not speak stops the run before any work."""
+    from asr.data.synth import corpus_digest, load_synth_config
+    from asr.pipeline import check_recipe, resolve_data
+
+    monkeypatch.setenv("ASR_CACHE", str(tmp_path))
+    spec = "{split: test, num: 2, seed: 1, languages: [de, fr], language_weights: {fr: 3}}"
+    recipe = load_recipe("recipes/quickstart.yaml", [f"data.synth_train={spec}", f"data.synth_eval={spec}",
+                                                     "data.synth_dev=null", "data.real_eval=[]"])
+    data = resolve_data(recipe).data
+    digest = corpus_digest(load_synth_config())
+    assert data.train[0].endswith(f"test-n2-s1-de-fr3-c{digest}")
+    assert [p.rsplit("/", 1)[1] for p in data.eval] == [f"test-n2-s1-de-c{digest}", f"test-n2-s1-fr-c{digest}"]
+    bad = load_recipe("recipes/quickstart.yaml", ["data.synth_train.language_weights={ru: 2}"])
+    with pytest.raises(AsrError, match=r"^data.synth_train.language_weights: .*languages of the build \(en\)"):
+        check_recipe(bad)
+
+
 @pytest.mark.slow  # 23 s
 def test_a_multilingual_teacher_refuses_data_that_does_not_say_its_language(tmp_path, micro_multilingual_teacher,
                                                                             micro_teacher, speech_folder):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import re
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 import soundfile as sf
 import yaml
 
+from asr.cli import main
 from asr.data import augment, synth, texts, tts
 from asr.data.loading import timed_segments
 from asr.data.synth import COLUMNS, build_corpus, corpus_digest, load_synth_config
@@ -130,6 +132,27 @@ def test_multilingual_clips_only_when_requested(tmp_path):
     assert all(r["voice"] == {"de": "pico:de-DE", "fr": "pico:fr-FR"}[r["language"]] for r in rows)
     with pytest.raises(AsrError, match="no voices or texts"):
         build_corpus(tmp_path / "x", "test", num=1, seed=1, languages=("nl",), progress=False)
+
+
+def test_language_weights_set_each_language_share_of_the_clips(tmp_path):
+    """A hard language can have more of a build's clips; equal weights keep the uniform draw, so the builds made
+    before weights existed stay byte-identical, and a resume under other weights is refused."""
+    build_corpus(tmp_path / "u", "test", num=3, seed=1, workers=1, languages=("de", "fr"), progress=False)
+    build_corpus(tmp_path / "e", "test", num=3, seed=1, workers=1, languages=("de", "fr"),
+                 language_weights={"de": 2, "fr": 2}, progress=False)
+    assert digests(tmp_path / "u") == digests(tmp_path / "e")
+    main(["data", "synth", "--out", str(tmp_path / "w"), "--split", "test", "--num", "24", "--seed", "1",
+          "--workers", "1", "--languages", "de,fr", "--language-weights", "fr=5"])
+    french = sum(r["language"] == "fr" for r in read_rows(tmp_path / "w"))
+    assert 17 <= french <= 23  # 20 expected of 24 (5 to 1); uniform would give 12
+    manifest = json.loads((tmp_path / "w" / synth.MANIFEST).read_text())
+    assert manifest["params"]["language_weights"] == [1.0, 5.0]
+    with pytest.raises(AsrError, match="holds a build with"):
+        build_corpus(tmp_path / "w", "test", num=24, seed=1, workers=1, languages=("de", "fr"),
+                     language_weights={"fr": 2}, progress=False)
+    with pytest.raises(AsrError, match=r"positive numbers for languages of the build \(de, fr\).*'ru': 2"):
+        build_corpus(tmp_path / "x", "test", num=1, seed=1, languages=("de", "fr"), language_weights={"ru": 2},
+                     progress=False)
 
 
 def test_every_voice_in_the_yaml_speaks():

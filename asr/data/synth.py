@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import soundfile as sf
@@ -107,6 +107,7 @@ class _Job:
     sentences: tuple[int, int] = (1, 1)  # sentences per clip, drawn uniformly: one voice, pauses between
     long_s: tuple[float, float] | None = None  # long-form files: a length in [low, high] s drawn per file
     windows: float = 0.0  # share of clips that are 30 s windows cut from a longer reading (`_cut_window`)
+    language_weights: tuple[float, ...] | None = None  # a clip's language drawn in these proportions; None: uniform
 
     @property
     def sample_rate(self) -> int:
@@ -122,7 +123,11 @@ def _plan_clip(job: _Job, index: int, attempt: int) -> tuple[dict[str, Any], np.
     """Draw language, voice (with rate/pitch), sentence and augmentation for one clip, from (seed, split,
     index, attempt) only, so any worker renders the same clip."""
     rng = np.random.default_rng([job.seed, zlib.crc32(job.split.encode()), index, attempt])
-    lang = job.languages[int(rng.integers(len(job.languages)))]
+    if job.language_weights is None:  # the uniform draw of earlier builds, so that they stay byte-identical
+        lang = job.languages[int(rng.integers(len(job.languages)))]
+    else:
+        weights = np.array(job.language_weights)
+        lang = job.languages[int(rng.choice(len(job.languages), p=weights / weights.sum()))]
     voices = job.voices[lang]
     weights = np.array([v["weight"] for v in voices])
     entry = voices[int(rng.choice(len(voices), p=weights / weights.sum()))]
@@ -372,7 +377,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 def _prepare_job(out: Path, split: str, seed: int, languages: Sequence[str], augment_fraction: float | None,
                  filter_fn: FilterFn | None, config_path: str | Path | None, workers: int,
                  sentences: tuple[int, int] = (1, 1), long_s: tuple[float, float] | None = None,
-                 windows: float = 0.0) -> _Job:
+                 windows: float = 0.0, language_weights: Mapping[str, float] | None = None) -> _Job:
     """Validate the request against the yaml, check every voice's engine, and load the text pools."""
     if split not in SPLITS:
         raise AsrError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
@@ -385,6 +390,7 @@ def _prepare_job(out: Path, split: str, seed: int, languages: Sequence[str], aug
                            f"available: {', '.join(sorted(split_cfg['texts']))}")
         for voice in voices[lang]:
             check_voice(voice)
+    weights = mix_weights(languages, language_weights or {})
     if not 1 <= sentences[0] <= sentences[1]:
         raise AsrError(f"sentences per clip must be [low, high] with 1 <= low <= high, got {list(sentences)}")
     if long_s is not None and not (0 < long_s[0] <= long_s[1] and sentences == (1, 1)):
@@ -410,7 +416,17 @@ def _prepare_job(out: Path, split: str, seed: int, languages: Sequence[str], aug
         if not pools[lang]:
             raise AsrError(f"the {split} text pool for {lang!r} is empty; check the sources in {cfg['_path']}")
     return _Job(out, split, seed, languages, fraction, cfg, voices, pools, filter_fn, tuple(sentences),
-                None if long_s is None else (float(long_s[0]), float(long_s[1])), float(windows))
+                None if long_s is None else (float(long_s[0]), float(long_s[1])), float(windows), weights)
+
+
+def mix_weights(languages: Sequence[str], given: Mapping[str, float]) -> tuple[float, ...] | None:
+    """Each language's weight in the mix (1 unless given), or None when they are all equal (the uniform draw)."""
+    unknown = sorted(set(given) - set(languages))
+    if unknown or any(not (isinstance(w, (int, float)) and w > 0) for w in given.values()):
+        raise AsrError(f"language weights must be positive numbers for languages of the build ({', '.join(languages)}),"
+                       f" e.g. {{ru: 2}}; got {dict(given)}")
+    weights = tuple(float(given.get(lang, 1.0)) for lang in languages)
+    return None if len(set(weights)) == 1 else weights
 
 
 def _start_output(job: _Job, num: int, workers: int) -> tuple[dict[str, Any], dict[int, dict[str, str]]]:
@@ -424,6 +440,8 @@ def _start_output(job: _Job, num: int, workers: int) -> tuple[dict[str, Any], di
         params["long_s"] = list(job.long_s)
     if job.windows:
         params["windows"] = job.windows
+    if job.language_weights:
+        params["language_weights"] = list(job.language_weights)
     if manifest_path.is_file():
         previous = json.loads(manifest_path.read_text()).get("params", {})
         if previous != params:
@@ -447,7 +465,8 @@ def build_corpus(out_dir: str | Path, split: str, num: int, seed: int, workers: 
                  languages: Sequence[str] = ("en",), augment_fraction: float | None = None,
                  filter_fn: FilterFn | None = None, config_path: str | Path | None = None,
                  progress: bool = True, sentences: tuple[int, int] = (1, 1),
-                 long_s: tuple[float, float] | None = None, windows: float = 0.0) -> dict[str, Any]:
+                 long_s: tuple[float, float] | None = None, windows: float = 0.0,
+                 language_weights: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Write `num` clips of `split` as an audiofolder (out_dir/metadata.csv + out_dir/audio/*.wav, 16 kHz mono
     s16); same seed -> same bytes. Resumes into an existing build; returns (and prints) a summary.
 
@@ -460,13 +479,15 @@ def build_corpus(out_dir: str | Path, split: str, num: int, seed: int, workers: 
     windows: the share of clips that are instead the first 30 s of such a reading, cut inside a sentence (what
     Whisper's sequential long-form decoding hands the model), with the sentences read before it in `previous`,
     timed as the window before it saw them (JSON [[start_s, end_s, text], ...]).
+    language_weights: a language's share of the clips relative to the others (1 unless named), e.g. {"ru": 2}
+    to give a harder language more clips in the same build.
     """
     start = time.monotonic()
     if num < 1:
         raise AsrError(f"--num must be at least 1, got {num}")
     out = Path(out_dir)
     job = _prepare_job(out, split, seed, languages, augment_fraction, filter_fn, config_path, workers, sentences,
-                       long_s, windows)
+                       long_s, windows, language_weights)
     manifest, rows = _start_output(job, num, workers)
     resumed, todo = len(rows), [i for i in range(num) if i not in rows]
     skipped, redrawn = Counter(), Counter()
