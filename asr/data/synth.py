@@ -126,8 +126,8 @@ def _plan_clip(job: _Job, index: int, attempt: int) -> tuple[dict[str, Any], np.
     if job.language_weights is None:  # the uniform draw of earlier builds, so that they stay byte-identical
         lang = job.languages[int(rng.integers(len(job.languages)))]
     else:
-        weights = np.array(job.language_weights)
-        lang = job.languages[int(rng.choice(len(job.languages), p=weights / weights.sum()))]
+        mix = np.array(job.language_weights)
+        lang = job.languages[int(rng.choice(len(job.languages), p=mix / mix.sum()))]
     voices = job.voices[lang]
     weights = np.array([v["weight"] for v in voices])
     entry = voices[int(rng.choice(len(voices), p=weights / weights.sum()))]
@@ -384,13 +384,13 @@ def _prepare_job(out: Path, split: str, seed: int, languages: Sequence[str], aug
     cfg = load_synth_config(config_path)
     split_cfg, languages = cfg["splits"][split], tuple(dict.fromkeys(languages))
     voices = {lang: [v for v in expand_voices(split_cfg["voices"]) if v["lang"] == lang] for lang in languages}
+    weights = mix_weights(languages, language_weights or {})  # before the voice checks, which start engines
     for lang in languages:
         if not voices[lang] or lang not in split_cfg["texts"]:
             raise AsrError(f"language {lang!r} has no voices or texts for split {split} in {cfg['_path']}; "
                            f"available: {', '.join(sorted(split_cfg['texts']))}")
         for voice in voices[lang]:
             check_voice(voice)
-    weights = mix_weights(languages, language_weights or {})
     if not 1 <= sentences[0] <= sentences[1]:
         raise AsrError(f"sentences per clip must be [low, high] with 1 <= low <= high, got {list(sentences)}")
     if long_s is not None and not (0 < long_s[0] <= long_s[1] and sentences == (1, 1)):
