@@ -270,6 +270,58 @@ def test_speed_and_pitch_change_what_they_should():
     assert peak_hz == pytest.approx(200 * 2 ** (2 / 12), rel=0.02)
 
 
+def steady_vowel(f0: float = 120.0, formant: float = 800.0) -> np.ndarray:
+    """One second of harmonics of f0 under a Gaussian envelope centred on `formant`."""
+    t = np.arange(SR) / SR
+    wave = sum(np.exp(-(((h - formant) / 300) ** 2)) * np.sin(2 * np.pi * h * t) for h in np.arange(1, 33) * f0)
+    return (0.5 * wave / np.abs(wave).max()).astype(np.float32)
+
+
+def fundamental_and_centroid(audio: np.ndarray) -> tuple[float, float]:
+    """The fundamental (cepstral peak, 60-400 Hz) and the power spectrum's centroid (the envelope's place)."""
+    x = audio[2000:-2000]
+    freqs, power = np.fft.rfftfreq(len(x), 1 / SR), np.abs(np.fft.rfft(x * np.hanning(len(x)))) ** 2
+    cepstrum = np.fft.irfft(np.log(power + 1e-9))
+    lo, hi = SR // 400, SR // 60
+    return SR / (lo + int(np.argmax(cepstrum[lo:hi]))), float((power * freqs).sum() / power.sum())
+
+
+def test_reshape_voice_moves_the_fundamental_and_the_envelope_apart():
+    """Both x1.3 moves the whole spectrum; pitch alone moves the fundamental and (approximately: rubberband
+    estimates the envelope) keeps the envelope; formant alone keeps the fundamental."""
+    vowel = steady_vowel()
+    f0, centroid = fundamental_and_centroid(vowel)
+    assert f0 == pytest.approx(120, rel=0.01) and centroid == pytest.approx(800, rel=0.01)
+    assert np.array_equal(augment.reshape_voice(vowel, SR), vowel)
+    moved = {}
+    for pitch, formant in [(1.3, 1.3), (1.5, 1.0), (1.0, 1.2)]:
+        shifted = augment.reshape_voice(vowel, SR, pitch, formant)
+        assert len(shifted) == len(vowel)
+        f0_ratio, centroid_ratio = (a / b for a, b in zip(fundamental_and_centroid(shifted), (f0, centroid)))
+        assert f0_ratio == pytest.approx(pitch, rel=0.03), (pitch, formant)
+        moved[pitch, formant] = centroid_ratio
+    assert moved[1.3, 1.3] == pytest.approx(1.3, rel=0.03)
+    assert moved[1.5, 1.0] - 1 < 0.5 * (1.5 - 1)  # measured 1.19: the envelope moves less than half as far
+    assert 1.02 < moved[1.0, 1.2] < 1.2  # measured 1.06
+
+
+def test_festival_speaks_higher_through_a_voice_entry(tmp_path):
+    """Festival has no pitch control: an entry's pitch/formant shift its audio after synthesis, and the config
+    checks their ranges as it checks rate's."""
+    spec = {"engine": "festival", "voice": "msu_ru_nsh_clunits"}
+    plain = synthesize(spec, SENTENCES["ru"], SR)
+    raised = synthesize({**spec, "pitch": 1.5, "formant": 1.1}, SENTENCES["ru"], SR)
+    assert np.array_equal(raised, augment.reshape_voice(plain, SR, 1.5, 1.1)) and not np.array_equal(raised, plain)
+    pico = {"engine": "pico", "voice": "it-IT", "pitch": 1.2}  # native pitch: only the formant is shifted after
+    assert np.array_equal(synthesize({**pico, "formant": 1.1}, SENTENCES["it"], SR),
+                          augment.reshape_voice(synthesize(pico, SENTENCES["it"], SR), SR, 1.0, 1.1))
+    cfg = yaml.safe_load(Path(CFG["_path"]).read_text())
+    cfg["splits"]["train"]["voices"].append({**spec, "lang": "ru", "pitch": [1.2, 1.0]})
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(AsrError, match=r"`pitch` must be \[low, high\]"):
+        load_synth_config(tmp_path / "bad.yaml")
+
+
 def test_reverb_and_random_chain_are_seeded():
     speech = synthesize({"engine": "flite", "voice": "kal16"}, SENTENCE, SR)
     policy = CFG["augment"]

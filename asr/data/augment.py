@@ -57,6 +57,27 @@ def shift_pitch(audio: np.ndarray, sample_rate: int, semitones: float) -> np.nda
     return out[: len(audio)].numpy()
 
 
+def reshape_voice(audio: np.ndarray, sample_rate: int, pitch: float = 1.0, formant: float = 1.0) -> np.ndarray:
+    """Another speaker from one voice, duration kept: pitch scales the fundamental, formant the spectral envelope
+    (a shorter vocal tract: ~1.15-1.2 from a man's to a woman's). FFmpeg's rubberband: a formant-shifting pass
+    by `formant`, then a formant-preserving pass that brings the fundamental to `pitch`. That pass costs clarity:
+    whisper-base read 20 clips of the festival Russian voice at 25% WER, with both x1.3 (one pass) at 27%, with
+    pitch x1.5 and formants x1.1 at 49% through rubberband's default window and 39% through its short one."""
+    if shutil.which("ffmpeg") is None:
+        raise AsrError("a voice's pitch/formant shift needs ffmpeg; run: sudo apt-get install ffmpeg")
+    stages = [f"rubberband=pitch={formant:.4f}:pitchq=quality"] if formant != 1.0 else []
+    if pitch != formant:
+        stages.append(f"rubberband=pitch={pitch / formant:.4f}:formant=preserved:window=short:pitchq=quality")
+    if not stages:
+        return audio
+    raw = ["-f", "f32le", "-ar", str(sample_rate), "-ac", "1"]
+    out = subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", *raw, "-i", "pipe:0",
+                          "-af", ",".join(stages), *raw, "pipe:1"],
+                         input=audio.astype("<f4").tobytes(), capture_output=True, check=True).stdout
+    shifted = np.frombuffer(out, dtype="<f4")
+    return np.pad(shifted, (0, max(0, len(audio) - len(shifted))))[: len(audio)].copy()
+
+
 CODECS = {"mulaw": ("pcm_mulaw", "mulaw"), "alaw": ("pcm_alaw", "alaw"), "gsm": ("libgsm", "gsm")}  # G.711 x2, GSM 06.10
 
 

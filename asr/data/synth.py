@@ -27,8 +27,7 @@ from tqdm import tqdm
 from asr.data.augment import random_augment
 from asr.data.features import TIME_STEP_S
 from asr.data.texts import POOL_VERSION, load_pools
-from asr.data.tts import (PITCH_ENGINES, SynthesisFailed, check_voice, expand_voices, one_reading, synthesize,
-                          voice_id)
+from asr.data.tts import SynthesisFailed, check_voice, expand_voices, one_reading, synthesize, voice_id
 from asr.errors import AsrError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "data" / "synthetic.yaml"
@@ -40,6 +39,7 @@ PAUSE_S = (0.2, 0.8)  # silence between the sentences of a multi-sentence clip
 CORPUS_FORMAT = 3  # bump when a build's columns or audio change for the same yaml (2: `segments`, 3: `previous`)
 WINDOW_S = 30.0  # Whisper's window: a cut clip is exactly one, as sequential long-form decoding hands the model
 WINDOW_PREVIOUS = 6  # sentences read before a cut window, timed as the window before it: its `previous` prompt
+VOICE_JITTER = ("rate", "pitch", "formant")  # a voice entry's [low, high] factors, drawn per clip
 FilterFn = Callable[[np.ndarray, str], bool]
 
 
@@ -57,9 +57,7 @@ def load_synth_config(path: str | Path | None = None) -> dict[str, Any]:
         for entry in split.get("voices") or []:
             if not {"engine", "voice"} <= set(entry) or entry.get("weight", 1) <= 0:
                 raise AsrError(f"{path}: split {name} has a voice without engine/voice or with weight <= 0: {entry}")
-            if "pitch" in entry and entry["engine"] not in PITCH_ENGINES:
-                raise AsrError(f"{path}: {entry['engine']} has no pitch control; drop `pitch` from {entry}")
-            for key in ("rate", "pitch"):
+            for key in VOICE_JITTER:
                 lo, hi = entry.get(key, (1.0, 1.0))
                 if not 0 < lo <= hi:
                     raise AsrError(f"{path}: `{key}` must be [low, high] with 0 < low <= high, in {entry}")
@@ -132,7 +130,7 @@ def _plan_clip(job: _Job, index: int, attempt: int) -> tuple[dict[str, Any], np.
     weights = np.array([v["weight"] for v in voices])
     entry = voices[int(rng.choice(len(voices), p=weights / weights.sum()))]
     spec = {"engine": entry["engine"], "voice": entry["voice"]}
-    for key in ("rate", "pitch"):
+    for key in VOICE_JITTER:
         if key in entry:
             spec[key] = round(float(rng.uniform(*entry[key])), 2)
     pool, target_s, previous = job.pools[lang], None, []
@@ -283,7 +281,7 @@ def _write_clip(job: _Job, plan: dict[str, Any], audio: np.ndarray, augment: str
     tmp = job.out_dir / f"{name}.tmp{os.getpid()}"
     sf.write(tmp, pcm, job.sample_rate, subtype="PCM_16", format="WAV")
     os.replace(tmp, job.out_dir / name)  # a WAV on disk is always complete, for resuming
-    params = " ".join(f"{k}={plan['spec'][k]:.2f}" for k in ("rate", "pitch") if k in plan["spec"])
+    params = " ".join(f"{k}={plan['spec'][k]:.2f}" for k in VOICE_JITTER if k in plan["spec"])
     return {"file_name": name, "transcription": plan["text"], "language": plan["lang"],
             "voice": voice_id(plan["spec"]), "voice_params": params,
             "source": " ".join(dict.fromkeys(plan["sources"][:len(plan["texts"])])),

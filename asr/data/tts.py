@@ -19,11 +19,12 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
+from asr.data.augment import reshape_voice
 from asr.data.festival import FestivalError, FestivalVoice
 from asr.errors import AsrError
 
 ENGINES = ("espeak", "flite", "festival", "pico", "piper")
-PITCH_ENGINES = ("espeak", "pico")  # the others take only a rate
+PITCH_ENGINES = ("espeak", "pico")  # native pitch; the others are shifted after synthesis (`reshape_voice`)
 # Where each engine comes from, for the error message when it is missing.
 INSTALL_HINT = {
     "espeak": "sudo apt-get install espeak-ng",
@@ -70,8 +71,9 @@ def expand_voices(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def synthesize(spec: dict[str, Any], text: str, sample_rate: int = 16000) -> np.ndarray:
     """Speak `text` with one concrete voice spec; returns mono float32 in [-1, 1] at `sample_rate`.
 
-    spec keys: engine, voice, and optionally rate (1.0 = native speed, >1 faster) and pitch (1.0 = native;
-    espeak and pico only).
+    spec keys: engine, voice, and optionally rate (1.0 = native speed, >1 faster), pitch (1.0 = native; espeak
+    and pico natively, the others by a formant-keeping shift after synthesis) and formant (spectral envelope
+    factor, after synthesis): the one packaged voice of a language can then also speak as a higher voice.
     """
     check_voice(spec)  # cached; flite and espeak-ng would otherwise fall back to another voice silently
     audio, native_rate = _SYNTH[spec["engine"]](spec, text)
@@ -80,7 +82,8 @@ def synthesize(spec: dict[str, Any], text: str, sample_rate: int = 16000) -> np.
         raise SynthesisFailed(f"{voice_id(spec)} produced no audio for {text!r}")
     if native_rate != sample_rate:
         audio = AF.resample(torch.from_numpy(audio), native_rate, sample_rate).numpy()
-    return audio
+    pitch = 1.0 if spec["engine"] in PITCH_ENGINES else spec.get("pitch", 1.0)
+    return reshape_voice(audio, sample_rate, pitch, spec.get("formant", 1.0))
 
 
 def check_voice(spec: dict[str, Any]) -> None:
