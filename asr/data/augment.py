@@ -57,25 +57,35 @@ def shift_pitch(audio: np.ndarray, sample_rate: int, semitones: float) -> np.nda
     return out[: len(audio)].numpy()
 
 
+def _ffmpeg(args: list[str], data: bytes, what: str) -> bytes:
+    """One quiet FFmpeg call from stdin to stdout."""
+    if shutil.which("ffmpeg") is None:
+        raise AsrError(f"{what} needs ffmpeg; run: sudo apt-get install ffmpeg")
+    quiet = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin"]
+    return subprocess.run([*quiet, *args], input=data, capture_output=True, check=True).stdout
+
+
+def _float_pcm(raw: bytes, num_samples: int) -> np.ndarray:
+    """FFmpeg's f32le output, zero-padded or cut to `num_samples` (filters and codecs shift the length slightly)."""
+    out = np.frombuffer(raw, dtype="<f4")
+    return np.pad(out, (0, max(0, num_samples - len(out))))[:num_samples].copy()
+
+
 def reshape_voice(audio: np.ndarray, sample_rate: int, pitch: float = 1.0, formant: float = 1.0) -> np.ndarray:
     """Another speaker from one voice, duration kept: pitch scales the fundamental, formant the spectral envelope
     (a shorter vocal tract: ~1.15-1.2 from a man's to a woman's). FFmpeg's rubberband: a formant-shifting pass
     by `formant`, then a formant-preserving pass that brings the fundamental to `pitch`. That pass costs clarity:
     whisper-base read 20 clips of the festival Russian voice at 25% WER, with both x1.3 (one pass) at 27%, with
     pitch x1.5 and formants x1.1 at 49% through rubberband's default window and 39% through its short one."""
-    if shutil.which("ffmpeg") is None:
-        raise AsrError("a voice's pitch/formant shift needs ffmpeg; run: sudo apt-get install ffmpeg")
     stages = [f"rubberband=pitch={formant:.4f}:pitchq=quality"] if formant != 1.0 else []
     if pitch != formant:
         stages.append(f"rubberband=pitch={pitch / formant:.4f}:formant=preserved:window=short:pitchq=quality")
     if not stages:
         return audio
     raw = ["-f", "f32le", "-ar", str(sample_rate), "-ac", "1"]
-    out = subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", *raw, "-i", "pipe:0",
-                          "-af", ",".join(stages), *raw, "pipe:1"],
-                         input=audio.astype("<f4").tobytes(), capture_output=True, check=True).stdout
-    shifted = np.frombuffer(out, dtype="<f4")
-    return np.pad(shifted, (0, max(0, len(audio) - len(shifted))))[: len(audio)].copy()
+    out = _ffmpeg([*raw, "-i", "pipe:0", "-af", ",".join(stages), *raw, "pipe:1"], audio.astype("<f4").tobytes(),
+                  "a voice's pitch/formant shift")
+    return _float_pcm(out, len(audio))
 
 
 CODECS = {"mulaw": ("pcm_mulaw", "mulaw"), "alaw": ("pcm_alaw", "alaw"), "gsm": ("libgsm", "gsm")}  # G.711 x2, GSM 06.10
@@ -83,17 +93,12 @@ CODECS = {"mulaw": ("pcm_mulaw", "mulaw"), "alaw": ("pcm_alaw", "alaw"), "gsm": 
 
 def codec_round_trip(narrow: np.ndarray, codec: str) -> np.ndarray:
     """Encode 8 kHz audio with a telephone codec and decode it again, both through FFmpeg."""
-    if shutil.which("ffmpeg") is None:
-        raise AsrError("the telephone augmentation needs ffmpeg; run: sudo apt-get install ffmpeg")
     encoder, fmt = CODECS[codec]
     raw = ["-f", "f32le", "-ar", "8000", "-ac", "1"]
-    quiet = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin"]
-    coded = subprocess.run([*quiet, *raw, "-i", "pipe:0", "-c:a", encoder, "-f", fmt, "pipe:1"],
-                           input=narrow.astype("<f4").tobytes(), capture_output=True, check=True).stdout
-    decoded = subprocess.run([*quiet, "-f", fmt, "-ar", "8000", "-ac", "1", "-i", "pipe:0", *raw, "pipe:1"],
-                             input=coded, capture_output=True, check=True).stdout
-    out = np.frombuffer(decoded, dtype="<f4")
-    return np.pad(out, (0, max(0, len(narrow) - len(out))))[: len(narrow)]
+    what = "the telephone augmentation"
+    coded = _ffmpeg([*raw, "-i", "pipe:0", "-c:a", encoder, "-f", fmt, "pipe:1"], narrow.astype("<f4").tobytes(), what)
+    decoded = _ffmpeg(["-f", fmt, "-ar", "8000", "-ac", "1", "-i", "pipe:0", *raw, "pipe:1"], coded, what)
+    return _float_pcm(decoded, len(narrow))
 
 
 def telephone(audio: np.ndarray, sample_rate: int, codec: str = "mulaw") -> np.ndarray:
@@ -103,7 +108,7 @@ def telephone(audio: np.ndarray, sample_rate: int, codec: str = "mulaw") -> np.n
         wave = AF.highpass_biquad(wave, sample_rate, 300.0)
         wave = AF.lowpass_biquad(wave, sample_rate, 3400.0)
     narrow = AF.resample(wave, sample_rate, 8000).clamp(-1, 1).numpy()
-    coded = torch.from_numpy(codec_round_trip(narrow, codec).copy())
+    coded = torch.from_numpy(codec_round_trip(narrow, codec))
     return AF.resample(coded, 8000, sample_rate)[: len(audio)].numpy()
 
 
