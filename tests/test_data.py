@@ -322,6 +322,31 @@ def test_batches_grouped_by_length_pad_less_and_still_cover_every_example_once_p
     assert widths != sorted(widths, reverse=True) and widths[:10] != sorted(widths[:10], reverse=True)  # no curriculum
 
 
+def test_grouped_batches_of_one_step_are_of_similar_length_on_every_rank():
+    """A step waits for its slowest rank: with group_by_length the ranks' batches of a step rank alike in length
+    (ranks holding different examples, one rank three more), where independent orders pair long with short; every
+    epoch starts at the same step on both, the smaller rank repeating a few of its own examples."""
+    from asr.train.data import BatchOrder
+
+    rng = np.random.default_rng(1)
+    shards = [tuple(int(x) for x in rng.integers(1, 5, n) * 20 + rng.integers(0, 10, n)) for n in (200, 203)]
+    orders = [BatchOrder(len(lengths), 4, seed=3, rank=rank, lengths=lengths, epoch_size=203)
+              for rank, lengths in enumerate(shards)]
+
+    def gap(steps: tuple[int, int]) -> int:
+        widths = [sum(shards[r][i] for i in orders[r].indices(steps[r])) for r in (0, 1)]
+        return abs(widths[0] - widths[1])
+
+    steps = range(150)  # three epochs of 50.75 steps, each spanning into the next
+    aligned = sum(gap((s, s)) for s in steps) / len(steps)
+    unaligned = sum(gap((s, (s * 7 + 3) % 150)) for s in steps) / len(steps)  # rank 1 at another step
+    assert aligned < 0.25 * unaligned, (aligned, unaligned)
+    played = [sum((orders[0].indices(s) for s in range(s0, s0 + 50)), []) for s0 in (0, 51, 102)]
+    for epoch in played:  # 200 of rank 0's examples per 50 steps, each at least once in any 203 in a row
+        assert 195 <= len(set(epoch)) <= 200
+    assert set(sum((orders[0].indices(s) for s in range(51)), [])[:203]) == set(range(200))
+
+
 def test_cpu_training_ranks_run_on_tcmalloc_unless_the_user_preloads(monkeypatch):
     """On a machine without a GPU the ranks' environment preloads tcmalloc (installed by `make setup`), and a process
     started with it really maps it; a user's own LD_PRELOAD wins."""

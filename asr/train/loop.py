@@ -189,7 +189,8 @@ class Trainer:
                         else f"top-K (k={targets[0]['ids'].shape[1]})")
                 print(f"KD from the cached teacher {what} in {', '.join(r.data.train)}; teacher not loaded", flush=True)
         return TrainBatches(examples, collator, r.train.batch_size, r.train.seed, self.dist.rank,
-                            teacher_targets=targets, group_by_length=r.train.group_by_length)
+                            teacher_targets=targets, group_by_length=r.train.group_by_length,
+                            epoch_size=int(self.dist.all_reduce([len(examples)], op=dist.ReduceOp.MAX).item()))
 
     def cache_encoder(self, student) -> None:
         """With a frozen encoder shared by both models and the data in memory, its states of every clip, computed
