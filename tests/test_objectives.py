@@ -60,6 +60,30 @@ def test_kd_gradient_pulls_student_towards_teacher():
     assert s.grad[0, 0, 0] < 0 < s.grad[0, 0, 1]  # descent raises the teacher's favourite token
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kd_loss_in_one_pass_equals_its_parts_written_with_autograd(dtype):
+    """kd_loss computes the loss and its gradient block by block; both must equal the loss written with autograd
+    from kl_teacher_student and ce_loss, over blocks that do not divide the rows, ignored positions, bf16 logits."""
+    torch.manual_seed(0)
+    student = (torch.randn(3, 31, 500) * 4).to(dtype).requires_grad_()
+    teacher = (torch.randn(3, 31, 500) * 4).to(dtype)
+    labels = torch.randint(0, 500, (3, 31))
+    labels[0, :7] = IGNORE_INDEX
+    out = kd_loss(student, teacher, labels, temperature=2.0, alpha_kl=0.8, alpha_ce=1.0)
+    out["loss"].backward()
+    fused = student.grad.clone()
+    student.grad = None
+    kl, ce = kl_teacher_student(student, teacher, labels, 2.0), ce_loss(student, labels)
+    (0.8 * 4 * kl + ce).backward()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert out["kl"].item() == pytest.approx(kl.item(), rel=1e-5) and out["ce"].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx((0.8 * 4 * kl + ce).item(), rel=1e-5)
+    assert fused.dtype == dtype and fused[0, :7].abs().max() == 0
+    assert torch.allclose(fused.float(), student.grad.float(), atol=tol * fused.float().abs().max().item())
+    empty = kd_loss(student, teacher, torch.full((3, 31), IGNORE_INDEX))
+    assert math.isnan(empty["loss"].item())  # no labelled token: not finite, so the step is skipped
+
+
 def test_turbo_schedule_warmup_then_linear_decay():
     f = [turbo_lr_factor(s, warmup_steps=2, total_steps=10) for s in range(11)]
     assert f[:3] == [0.5, 1.0, 1.0]
