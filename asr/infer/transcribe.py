@@ -37,8 +37,9 @@ def segments_of(tokenizer, tokens: Sequence[int], eos: int, begin: int) -> tuple
 
 
 def language_batches(samples: Sequence[Sample], batch_size: int) -> Iterator[list[tuple[int, Sample]]]:
-    """(index, sample) batches of at most batch_size clips of one language each: a batch shares its prompt."""
-    indexed = sorted(enumerate(samples), key=lambda item: item[1].language)
+    """(index, sample) batches of at most batch_size clips of one language each: a batch shares its prompt. Longest
+    clips first: a batch decodes until its longest transcript ends, so clips of like length batch together."""
+    indexed = sorted(enumerate(samples), key=lambda item: (item[1].language, -len(item[1].audio)))
     for _, group in groupby(indexed, key=lambda item: item[1].language):
         group = list(group)
         for start in range(0, len(group), batch_size):
