@@ -345,6 +345,8 @@ def test_grouped_batches_of_one_step_are_of_similar_length_on_every_rank():
     for epoch in played:  # 200 of rank 0's examples per 50 steps, each at least once in any 203 in a row
         assert 195 <= len(set(epoch)) <= 200
     assert set(sum((orders[0].indices(s) for s in range(51)), [])[:203]) == set(range(200))
+    few = BatchOrder(3, 4, seed=3, rank=1, lengths=(5, 9, 7), epoch_size=10)  # a rank left with 3 of 10 examples
+    assert [len(few.indices(s)) for s in range(5)] == [4] * 5 and set(few.indices(0) + few.indices(1)) == {0, 1, 2}
 
 
 def test_cpu_training_ranks_run_on_tcmalloc_unless_the_user_preloads(monkeypatch):

@@ -98,7 +98,8 @@ class BatchOrder:
         of similar rank in length: padding shrinks, no rank waits long for another (2 ranks ordered independently
         lost 16% of the quickstart's step time), and no mega-batch runs from long to short labels."""
         rng = np.random.default_rng([self.seed, self.rank, epoch])
-        examples = np.concatenate([rng.permutation(self.n), rng.permutation(self.n)[:self.epoch_size - self.n]])
+        examples = rng.permutation(self.n)
+        examples = np.concatenate([examples, np.resize(rng.permutation(self.n), self.epoch_size - self.n)])  # repeats
         if self.lengths is None:
             return examples
         from transformers.trainer_pt_utils import get_length_grouped_indices

@@ -84,7 +84,8 @@ class _DistillCE(torch.autograd.Function):
             plain = F.log_softmax(z, dim=-1)
             picked = plain.gather(-1, y[:, None])
             ce -= picked.sum()
-            g.add_(plain.exp_(), alpha=alpha_ce / n).scatter_add_(-1, y[:, None], torch.full_like(picked, -alpha_ce / n))
+            g.add_(plain.exp_(), alpha=alpha_ce / n)
+            g.scatter_add_(-1, y[:, None], torch.full_like(picked, -alpha_ce / n))
         ctx.save_for_backward(grad)
         ctx.dtype = logits.dtype
         kl, ce = kl / n, ce / n
