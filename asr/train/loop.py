@@ -177,7 +177,8 @@ class Trainer:
                               self.stats, text_column=text_column, layout=self.layout())
         self.layout_counts = {"examples": len(examples), "timestamped": sum(e.timestamped for e in examples),
                               "prompted": sum(e.prompted for e in examples)}
-        if self.dist.all_reduce([len(examples)], op=dist.ReduceOp.MIN).item() == 0:
+        counts = self.dist.gather_objects(len(examples))  # the smallest must train; the largest sets epochs
+        if min(counts) == 0:
             raise AsrError(f"a rank got no usable training samples from {r.data.train} ({self.stats.summary()}); "
                            "add data or use fewer processes")
         targets = None
@@ -190,7 +191,7 @@ class Trainer:
                 print(f"KD from the cached teacher {what} in {', '.join(r.data.train)}; teacher not loaded", flush=True)
         return TrainBatches(examples, collator, r.train.batch_size, r.train.seed, self.dist.rank,
                             teacher_targets=targets, group_by_length=r.train.group_by_length,
-                            epoch_size=int(self.dist.all_reduce([len(examples)], op=dist.ReduceOp.MAX).item()))
+                            epoch_size=max(counts))
 
     def cache_encoder(self, student) -> None:
         """With a frozen encoder shared by both models and the data in memory, its states of every clip, computed
