@@ -27,7 +27,8 @@ apt:
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q "setuptools>=70.1,<82" wheel
-	$(PY) -m pip install -q -e ".[teachers,tts,dev]"
+	@echo "installing the pinned stack (torch with its CUDA libraries, ~6 GB on a fresh machine: the longest step) ..."
+	$(PY) -m pip install --progress-bar on -e ".[teachers,tts,dev]"
 	@echo "compiling DeepSpeed's CPU communication op once (cached in $(TORCH_EXTENSIONS_DIR)) ..."
 	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	@echo "importing the registry teachers once (cached) ..."
