@@ -177,10 +177,11 @@ class Trainer:
                               self.stats, text_column=text_column, layout=self.layout())
         self.layout_counts = {"examples": len(examples), "timestamped": sum(e.timestamped for e in examples),
                               "prompted": sum(e.prompted for e in examples)}
-        counts = self.dist.gather_objects(len(examples))  # the smallest must train; the largest sets epochs
-        if min(counts) == 0:
-            raise AsrError(f"a rank got no usable training samples from {r.data.train} ({self.stats.summary()}); "
-                           "add data or use fewer processes")
+        shares = self.dist.gather_objects((len(examples), self.stats.summary()))
+        counts = [n for n, _ in shares]  # the smallest must train; the largest sets epochs
+        if empty := [f"rank {rank}: {summary}" for rank, (n, summary) in enumerate(shares) if n == 0]:
+            raise AsrError(f"{len(empty)} of {self.dist.world} ranks got no usable training samples from "
+                           f"{r.data.train} ({'; '.join(empty)}); add data or use fewer processes")
         targets = None
         if self.teacher_cache:
             targets = load_teacher_targets(examples, r.data.train, r.teacher, r.objective.temperature,

@@ -1,4 +1,8 @@
-"""Start the per-rank processes of a recovery run on this machine (torchrun, one process per device)."""
+"""Start the per-rank processes of a recovery run on this machine (torchrun, one process per device).
+
+`python -m asr.train.torchrun ARGS` is torchrun itself (the Slurm script launches each node's ranks with it too),
+except that a failed rank ends it with one line, not the elastic agent's traceback: each rank has printed its own
+error (or, for a bug, its traceback) above, and `asr run` adds what to do next."""
 from __future__ import annotations
 
 import ctypes.util
@@ -40,7 +44,25 @@ def launch_training(run_dir: Path, nproc: int, module: str = "asr.train.main", a
     """Run `module RUN_DIR [args]` (default the recovery run) on `nproc` local processes; returns the exit code."""
     for stale in ("PREEMPT", "PREEMPTED", "ERROR"):  # a new attempt starts afresh (Slurm's train.sbatch does the same)
         (run_dir / stale).unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    cmd = [sys.executable, "-m", "asr.train.torchrun", "--standalone", f"--nproc_per_node={nproc}",
            "-m", module, str(run_dir), *args]
     print("launching:", " ".join(cmd), flush=True)
     return subprocess.run(cmd, env=training_env()).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    """torchrun with `argv` (default the command line); 1 when a rank failed, naming each failed rank's exit code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(argv)
+    except ChildFailedError as failed:
+        codes = ", ".join(f"rank {rank} exit code {f.exitcode}" for rank, f in sorted(failed.failures.items()))
+        print(f"{failed.name} failed: {codes}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
