@@ -402,6 +402,7 @@ def test_a_rank_left_without_usable_samples_stops_every_rank_with_one_line(tmp_p
     assert "asr.train.main failed: rank " in proc.stderr  # torchrun's own traceback replaced (assert_cli_error)
     assert not (run / "checkpoints").exists()
 
+
 def test_out_of_range_audio_is_skipped_and_counted(tmp_path, speech_folder):
     """Float WAVs holding int16 values, or garbage, would give shifted or NaN log-mel features."""
     audio, rate = sf.read(speech_folder / "clip0.wav", dtype="float32")
