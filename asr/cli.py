@@ -38,7 +38,21 @@ def _data_synth(args: argparse.Namespace) -> None:
     build_corpus(Path(args.out), split=args.split, num=args.num, seed=args.seed, workers=args.workers,
                  languages=tuple(args.languages.split(",")), sentences=_pair(args.sentences, int, "--sentences"),
                  long_s=None if args.long is None else _pair(args.long, float, "--long"),
-                 windows=args.windows, language_weights=_weights(args.language_weights))  # prints a summary
+                 windows=args.windows, language_weights=_weights(args.language_weights),
+                 augment=_augment(args.augment))  # prints a summary
+
+
+def _augment(text: str) -> dict[str, dict[str, float]]:
+    """`telephone.p=1,noise.p=0.3` as {telephone: {p: 1.0}, noise: {p: 0.3}}."""
+    out: dict[str, dict[str, float]] = {}
+    try:
+        for item in (i for i in text.split(",") if i):
+            key, value = item.split("=")
+            effect, setting = key.split(".")
+            out.setdefault(effect, {})[setting] = float(value)
+    except ValueError:
+        raise AsrError(f"--augment takes EFFECT.SETTING=NUMBER,... (e.g. telephone.p=1), got {text!r}") from None
+    return out
 
 
 def _weights(text: str) -> dict[str, float]:
@@ -219,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--languages", default="en", help="comma-separated, e.g. en,de,es,fr,it")
     synth.add_argument("--language-weights", default="", metavar="LANG=W,...",
                        help="a language's share of the clips relative to the others (1 unless named), e.g. ru=2")
+    synth.add_argument("--augment", default="", metavar="EFFECT.SETTING=X,...",
+                       help="override data/synthetic.yaml's augmentation for this build, e.g. telephone.p=1: every "
+                            "augmented clip also through the telephone channel (the other effects drawn as before)")
     synth.add_argument("--sentences", default="1,1",
                        help="sentences per clip LOW,HIGH (one voice, pauses between; each timed in `segments`)")
     synth.add_argument("--long", nargs="?", const="60,180", metavar="LOW,HIGH",

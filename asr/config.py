@@ -46,6 +46,9 @@ class SynthConfig:
     sentences: list[int] = field(default_factory=lambda: [1, 1])
     long: list[float] | None = None  # [low, high] s: long-form files of consecutive sentences (`--long`)
     windows: float = 0.0  # share of clips that are 30 s windows cut from a reading (`--windows`), for long-form
+    # per-effect overrides of data/synthetic.yaml's augmentation, e.g. {telephone: {p: 1.0}}: every augmented clip
+    # through the telephone channel (the other effects drawn as before)
+    augment: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass

@@ -33,6 +33,8 @@ def synth_dataset(spec: SynthConfig) -> str:
     packed = "" if spec.sentences == [1, 1] else f"-p{spec.sentences[0]}-{spec.sentences[1]}"
     packed += f"-L{spec.long[0]:g}-{spec.long[1]:g}" if spec.long else ""
     packed += f"-w{spec.windows:g}" if spec.windows else ""
+    overrides = json.dumps(spec.augment, sort_keys=True).encode()
+    packed += f"-a{hashlib.sha1(overrides).hexdigest()[:8]}" if spec.augment else ""
     weights = spec.language_weights
     languages = '-'.join(f"{lang}{weights[lang]:g}" if weights.get(lang, 1) != 1 else lang for lang in spec.languages)
     name = f"{spec.split}-n{spec.num}-s{spec.seed}-{languages}{packed}-c{digest}"
@@ -41,7 +43,7 @@ def synth_dataset(spec: SynthConfig) -> str:
         build_corpus(out, split=spec.split, num=spec.num, seed=spec.seed, languages=tuple(spec.languages),
                      sentences=(spec.sentences[0], spec.sentences[1]),
                      long_s=(spec.long[0], spec.long[1]) if spec.long else None, windows=spec.windows,
-                     language_weights=weights)
+                     language_weights=weights, augment=spec.augment)
     return str(out)
 
 
@@ -106,6 +108,12 @@ def check_recipe(recipe: Recipe) -> None:
                 mix_weights(spec.languages, spec.language_weights)
             except AsrError as err:
                 raise AsrError(f"data.{key}.language_weights: {err}") from None
+        if spec is not None and spec.augment:
+            from asr.data.synth import merged_policy
+            try:
+                merged_policy({}, spec.augment)
+            except AsrError as err:
+                raise AsrError(f"data.{key}.augment: {err}") from None
         if spec is not None and spec.long is not None:
             raise AsrError(f"data.{key}.long: long-form files do not fit a 30 s window; name them in "
                            "data.long_eval.synth instead")

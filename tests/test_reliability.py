@@ -437,9 +437,11 @@ def test_out_of_range_audio_is_skipped_and_counted(tmp_path, speech_folder):
      "set data.pseudo_label.timestamps=true"),
     ({}, ["data.synth_train={num: 2, sentences: [3, 1]}"], "data.synth_train.sentences must be [low, high]"),
     ({}, ["data.num_workers=-1"], "data.num_workers must be 0 (load in the training process) or more, got -1"),
+    ({}, ["data.synth_train={num: 2, augment: {phone: {p: 1}}}"],
+     "data.synth_train.augment: augment overrides name effects (speed, pitch, reverb, noise, telephone)"),
 ], ids=["unknown-key", "wrong-type", "wrong-type-override", "unknown-teacher", "missing-data", "non-utf8-metadata",
         "cache-without-pseudo-labels", "cache-of-targets-not-stored", "cache-with-prompts",
-        "cache-with-untimed-targets", "sentences-reversed", "negative-workers"])
+        "cache-with-untimed-targets", "sentences-reversed", "negative-workers", "unknown-effect"])
 def test_configuration_errors_stop_before_any_work(tmp_path, micro_teacher, speech_folder, latin1_folder, edit,
                                                    overrides, message):
     recipe = fast_recipe(tmp_path / "recipe.yaml", micro_teacher, speech_folder, speech_folder)

@@ -331,6 +331,38 @@ def test_reverb_and_random_chain_are_seeded():
     assert len(wet) == len(speech) + SR // 4 and np.abs(wet[len(speech):]).max() > 1e-3
 
 
+def drawn_before_the_channel(described: str) -> list[str]:
+    """The speed, pitch and reverb an augmentation description names (noise can be the forced only effect)."""
+    return [e for e in described.split() if e.split("=")[0] in {"speed", "pitch", "reverb"}]
+
+
+def test_augment_overrides_add_the_telephone_channel_to_the_same_clips_and_draws(tmp_path, capsys):
+    """`augment={telephone: {p: 1}}` (a recipe's data.synth_train.augment): the clips and the other effects are the
+    ones the yaml's policy draws, each augmented clip now also through the telephone channel; the manifest says so."""
+    plain = build_corpus(tmp_path / "a", "train", num=4, seed=2, workers=1, augment_fraction=1.0, progress=False)
+    phone = build_corpus(tmp_path / "b", "train", num=4, seed=2, workers=1, augment_fraction=1.0, progress=False,
+                         augment={"telephone": {"p": 1.0}})
+    assert plain["clips"] == phone["clips"] == 4
+    main(["data", "synth", "--out", str(tmp_path / "cli"), "--split", "train", "--num", "2", "--seed", "2",
+          "--workers", "1", "--augment", "telephone.p=1"])  # train's own fraction: half the clips augmented
+    assert json.loads((tmp_path / "cli" / synth.MANIFEST).read_text())["params"]["augment"] == {"telephone": {"p": 1.0}}
+    for a, b in zip(read_rows(tmp_path / "a"), read_rows(tmp_path / "b")):
+        assert a["transcription"] == b["transcription"] and a["voice"] == b["voice"]
+        assert b["augment"].split()[-1].startswith("telephone="), b["augment"]  # the last effect, after the others
+        assert drawn_before_the_channel(a["augment"]) == drawn_before_the_channel(b["augment"]), (a, b)
+    manifest = json.loads((tmp_path / "b" / synth.MANIFEST).read_text())
+    assert manifest["params"]["augment"] == {"telephone": {"p": 1.0}}
+    assert manifest["config"]["augment"]["telephone"]["p"] == 1.0
+    with pytest.raises(AsrError, match="augment overrides name effects"):
+        build_corpus(tmp_path / "c", "train", num=1, seed=2, augment={"echo": {"p": 1.0}}, progress=False)
+    with pytest.raises(AsrError, match=r"augment.telephone.p must be in \[0, 1\]"):
+        build_corpus(tmp_path / "c", "train", num=1, seed=2, augment={"telephone": {"p": 2}}, progress=False)
+    with pytest.raises(SystemExit):
+        main(["data", "synth", "--out", str(tmp_path / "c"), "--split", "train", "--num", "1", "--augment", "p=1"])
+    assert capsys.readouterr().err.strip().endswith("--augment takes EFFECT.SETTING=NUMBER,... (e.g. telephone.p=1), "
+                                                     "got 'p=1'")
+
+
 @pytest.mark.parametrize("raw, expected", [
     ("“Behold, I am with you,” he said.", "Behold, I am with you, he said."),
     ("the boy’s dog ran home fast", "The boy's dog ran home fast."),

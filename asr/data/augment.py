@@ -126,6 +126,9 @@ def reverb(audio: np.ndarray, sample_rate: int, rt60_s: float, wet: float, rng: 
     return out[: len(audio) + tail_keep].numpy()
 
 
+EFFECTS = ("speed", "pitch", "reverb", "noise", "telephone")  # applied in this order
+
+
 def random_augment(audio: np.ndarray, sample_rate: int, rng: np.random.Generator,
                    policy: dict[str, Any]) -> tuple[np.ndarray, str, float]:
     """Apply a random chain of effects drawn from `policy` (the yaml `augment` block); returns the audio,
@@ -133,8 +136,7 @@ def random_augment(audio: np.ndarray, sample_rate: int, rng: np.random.Generator
     the clip moved (1 / speed), so timestamps can follow."""
     done: list[str] = []
     time_scale = 1.0
-    order = ("speed", "pitch", "reverb", "noise", "telephone")
-    picked = {name for name in order if policy.get(name) and rng.random() < policy[name].get("p", 0.0)}
+    picked = {name for name in EFFECTS if policy.get(name) and rng.random() < policy[name].get("p", 0.0)}
     if not picked and policy.get("noise"):
         picked = {"noise"}  # an augmented clip gets at least one effect
     if "speed" in picked:

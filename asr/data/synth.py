@@ -24,7 +24,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from asr.data.augment import random_augment
+from asr.data.augment import EFFECTS, random_augment
 from asr.data.features import TIME_STEP_S
 from asr.data.texts import POOL_VERSION, load_pools
 from asr.data.tts import SynthesisFailed, check_voice, expand_voices, one_reading, synthesize, voice_id
@@ -106,6 +106,7 @@ class _Job:
     long_s: tuple[float, float] | None = None  # long-form files: a length in [low, high] s drawn per file
     windows: float = 0.0  # share of clips that are 30 s windows cut from a longer reading (`_cut_window`)
     language_weights: tuple[float, ...] | None = None  # a clip's language drawn in these proportions; None: uniform
+    augment_overrides: dict[str, dict[str, Any]] | None = None  # merged into cfg["augment"]; kept for the manifest
 
     @property
     def sample_rate(self) -> int:
@@ -375,11 +376,13 @@ def format_summary(summary: dict[str, Any]) -> str:
 def _prepare_job(out: Path, split: str, seed: int, languages: Sequence[str], augment_fraction: float | None,
                  filter_fn: FilterFn | None, config_path: str | Path | None, workers: int,
                  sentences: tuple[int, int] = (1, 1), long_s: tuple[float, float] | None = None,
-                 windows: float = 0.0, language_weights: Mapping[str, float] | None = None) -> _Job:
+                 windows: float = 0.0, language_weights: Mapping[str, float] | None = None,
+                 augment: Mapping[str, Mapping[str, Any]] | None = None) -> _Job:
     """Validate the request against the yaml, check every voice's engine, and load the text pools."""
     if split not in SPLITS:
         raise AsrError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     cfg = load_synth_config(config_path)
+    cfg["augment"] = merged_policy(cfg.get("augment") or {}, augment or {})
     split_cfg, languages = cfg["splits"][split], tuple(dict.fromkeys(languages))
     voices = {lang: [v for v in expand_voices(split_cfg["voices"]) if v["lang"] == lang] for lang in languages}
     weights = mix_weights(languages, language_weights or {})  # before the voice checks, which start engines
@@ -414,7 +417,23 @@ def _prepare_job(out: Path, split: str, seed: int, languages: Sequence[str], aug
         if not pools[lang]:
             raise AsrError(f"the {split} text pool for {lang!r} is empty; check the sources in {cfg['_path']}")
     return _Job(out, split, seed, languages, fraction, cfg, voices, pools, filter_fn, tuple(sentences),
-                None if long_s is None else (float(long_s[0]), float(long_s[1])), float(windows), weights)
+                None if long_s is None else (float(long_s[0]), float(long_s[1])), float(windows), weights,
+                {name: dict(settings) for name, settings in (augment or {}).items()} or None)
+
+
+def merged_policy(policy: Mapping[str, Any], overrides: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The yaml's augmentation policy with a build's overrides merged in per effect, e.g. {telephone: {p: 1.0}}
+    sends every augmented clip through the telephone channel and leaves the other effects' draws as they were."""
+    unknown = sorted(set(overrides) - set(EFFECTS))
+    if unknown or any(not isinstance(v, Mapping) for v in overrides.values()):
+        raise AsrError(f"augment overrides name effects ({', '.join(EFFECTS)}) with their settings, e.g. "
+                       f"{{telephone: {{p: 1.0}}}}; got {dict(overrides)}")
+    merged = {name: dict(settings) for name, settings in policy.items()}
+    for name, settings in overrides.items():
+        merged[name] = {**merged.get(name, {}), **settings}
+        if not 0.0 <= float(merged[name].get("p", 0.0)) <= 1.0:
+            raise AsrError(f"augment.{name}.p must be in [0, 1], got {merged[name]['p']}")
+    return merged
 
 
 def mix_weights(languages: Sequence[str], given: Mapping[str, float]) -> tuple[float, ...] | None:
@@ -440,6 +459,8 @@ def _start_output(job: _Job, num: int, workers: int) -> tuple[dict[str, Any], di
         params["windows"] = job.windows
     if job.language_weights:
         params["language_weights"] = list(job.language_weights)
+    if job.augment_overrides:
+        params["augment"] = job.augment_overrides
     if manifest_path.is_file():
         previous = json.loads(manifest_path.read_text()).get("params", {})
         if previous != params:
@@ -464,7 +485,8 @@ def build_corpus(out_dir: str | Path, split: str, num: int, seed: int, workers: 
                  filter_fn: FilterFn | None = None, config_path: str | Path | None = None,
                  progress: bool = True, sentences: tuple[int, int] = (1, 1),
                  long_s: tuple[float, float] | None = None, windows: float = 0.0,
-                 language_weights: Mapping[str, float] | None = None) -> dict[str, Any]:
+                 language_weights: Mapping[str, float] | None = None,
+                 augment: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Write `num` clips of `split` as an audiofolder (out_dir/metadata.csv + out_dir/audio/*.wav, 16 kHz mono
     s16); same seed -> same bytes. Resumes into an existing build; returns (and prints) a summary.
 
@@ -479,13 +501,14 @@ def build_corpus(out_dir: str | Path, split: str, num: int, seed: int, workers: 
     timed as the window before it saw them (JSON [[start_s, end_s, text], ...]).
     language_weights: a language's share of the clips relative to the others (1 unless named), e.g. {"ru": 2}
     to give a harder language more clips in the same build.
+    augment: per-effect overrides of the yaml's augmentation policy (`merged_policy`), e.g. {"telephone": {"p": 1}}.
     """
     start = time.monotonic()
     if num < 1:
         raise AsrError(f"--num must be at least 1, got {num}")
     out = Path(out_dir)
     job = _prepare_job(out, split, seed, languages, augment_fraction, filter_fn, config_path, workers, sentences,
-                       long_s, windows, language_weights)
+                       long_s, windows, language_weights, augment)
     manifest, rows = _start_output(job, num, workers)
     resumed, todo = len(rows), [i for i in range(num) if i not in rows]
     skipped, redrawn = Counter(), Counter()
