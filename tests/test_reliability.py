@@ -386,9 +386,12 @@ def test_non_utf8_metadata_csv_is_a_clear_error_naming_file_and_line(latin1_fold
                              "UTF-8, e.g. `iconv -f latin1 -t utf-8`"
 
 
-def test_a_rank_left_without_usable_samples_stops_every_rank_with_one_line(tmp_path, micro_teacher, speech_folder):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_rank_left_without_usable_samples_stops_every_rank_with_one_line(tmp_path, micro_teacher, speech_folder,
+                                                                           streaming):
     """Two clips on two processes, the second rank's transcript empty: it would wait forever in the first
-    collective of a step; every rank stops instead, before the engine, naming the data and the fix."""
+    collective of a step; every rank stops instead, before the engine, naming the data and the fix (a streamed
+    rank reads its first usable sample up front)."""
     train = tmp_path / "train"
     train.mkdir()
     for i in range(2):
@@ -396,7 +399,7 @@ def test_a_rank_left_without_usable_samples_stops_every_rank_with_one_line(tmp_p
     (train / "metadata.csv").write_text("file_name,transcription,language\nclip0.wav,hello there,en\nclip1.wav,,en\n")
     run = tmp_path / "run"
     proc = asr("run", str(fast_recipe(tmp_path / "recipe.yaml", micro_teacher, train, speech_folder,
-                                      train={"nproc": 2})), "--run-dir", str(run))
+                                      train={"nproc": 2}, data={"streaming": streaming})), "--run-dir", str(run))
     assert_cli_error(proc, f"1 of 2 ranks got no usable training samples from ['{train}'] (rank 1: skipped 1 "
                      f"empty transcript (e.g. {train / 'clip1.wav'})); add data or use fewer processes")
     assert "asr.train.main failed: rank " in proc.stderr  # torchrun's own traceback replaced (assert_cli_error)

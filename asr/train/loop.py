@@ -133,11 +133,22 @@ class Trainer:
         collator = WhisperCollator(student.generation_config.pad_token_id)
         self.layout_counts: dict[str, int] | None = None  # counted up front only; a stream's are not
         if streaming_of(r):
-            return StreamingBatches(r.data.train, self.processor, student.generation_config, collator,
-                                    r.train.batch_size, r.train.seed, self.dist.rank, self.dist.world,
-                                    r.data.max_label_tokens, r.data.fallback_language, self.stats, text_column,
-                                    r.data.train_limit, layout=self.layout(), num_workers=r.data.num_workers)
+            stream = StreamingBatches(r.data.train, self.processor, student.generation_config, collator,
+                                      r.train.batch_size, r.train.seed, self.dist.rank, self.dist.world,
+                                      r.data.max_label_tokens, r.data.fallback_language, self.stats, text_column,
+                                      r.data.train_limit, layout=self.layout(), num_workers=r.data.num_workers)
+            self.check_every_rank_has_samples(int(stream.has_samples()))
+            return stream
         return self.in_memory_batches(student, collator, text_column)
+
+    def check_every_rank_has_samples(self, count: int) -> list[int]:
+        """Every rank's count of usable samples (a streamed rank reports whether it has one), or one error naming
+        each rank left without any: such a rank would stop alone while the others wait in the first collective."""
+        shares = self.dist.gather_objects((count, self.stats.summary()))
+        if empty := [f"rank {rank}: {summary}" for rank, (n, summary) in enumerate(shares) if n == 0]:
+            raise AsrError(f"{len(empty)} of {self.dist.world} ranks got no usable training samples from "
+                           f"{self.recipe.data.train} ({'; '.join(empty)}); add data or use fewer processes")
+        return [n for n, _ in shares]
 
     def layout(self) -> LayoutPolicy:
         """Cached teacher targets were made without a prompt, so under the cache prompts default to none
@@ -177,11 +188,7 @@ class Trainer:
                               self.stats, text_column=text_column, layout=self.layout())
         self.layout_counts = {"examples": len(examples), "timestamped": sum(e.timestamped for e in examples),
                               "prompted": sum(e.prompted for e in examples)}
-        shares = self.dist.gather_objects((len(examples), self.stats.summary()))
-        counts = [n for n, _ in shares]  # the smallest must train; the largest sets epochs
-        if empty := [f"rank {rank}: {summary}" for rank, (n, summary) in enumerate(shares) if n == 0]:
-            raise AsrError(f"{len(empty)} of {self.dist.world} ranks got no usable training samples from "
-                           f"{r.data.train} ({'; '.join(empty)}); add data or use fewer processes")
+        counts = self.check_every_rank_has_samples(len(examples))  # the largest sets epochs
         targets = None
         if self.teacher_cache:
             targets = load_teacher_targets(examples, r.data.train, r.teacher, r.objective.temperature,

@@ -120,6 +120,7 @@ class StreamingBatches:
         self.num_workers = num_workers
         self.epoch, self.rows, self.next_step = 0, 0, 0
         self._examples: Iterator[Encoded] | None = None
+        self._first: Encoded | None = None  # read ahead by has_samples, trained first
 
     def state(self) -> dict:
         """Where the next batch starts: a resume continues from here."""
@@ -127,7 +128,15 @@ class StreamingBatches:
 
     def restore(self, state: dict) -> None:
         self.epoch, self.rows, self.next_step = state["epoch"], state["rows"], state["step"]
-        self._examples = None
+        self._examples, self._first = None, None
+
+    def has_samples(self) -> bool:
+        """Whether this rank's stream yields a usable sample, read before the engine: a rank without one would
+        otherwise stop alone at its first batch while the others wait in a collective."""
+        if self._first is None:
+            self._examples = self._epoch_examples(skip=self.rows)
+            self._first = next(self._examples, None)
+        return self._first is not None
 
     def _samples(self, skip: int, stats: SkipStats) -> Iterator[Sample]:
         """The epoch's decoded samples from row `skip` on; `rows` moves past a sample as the trainer takes it."""
@@ -152,15 +161,15 @@ class StreamingBatches:
                               stats, self.layout)
 
     def _next_example(self) -> Encoded:
+        if self._first is not None:
+            example, self._first = self._first, None
+            return example
         for _ in range(2):  # the current epoch, then a fresh one
             if self._examples is None:
                 self._examples = self._epoch_examples(skip=self.rows)
             example = next(self._examples, None)
             if example is not None:
                 return example
-            if self.rows == 0:
-                raise AsrError(f"rank {self.rank} got no usable training samples ({self.stats.summary()}); "
-                               "add data or use fewer processes")
             self.epoch, self.rows, self._examples = self.epoch + 1, 0, None
         raise AsrError(f"rank {self.rank}: an epoch of the training data yielded no usable samples "
                        f"({self.stats.summary()})")
