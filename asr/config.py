@@ -159,7 +159,7 @@ class TrainConfig:
     # epoch (exact: an example's layout is fixed when it is encoded); each step projects them onto the vocabulary
     cache_teacher: bool = True
     zero_stage: Literal[0, 1, 2, 3] = 2
-    bf16: bool | Literal["auto"] = False  # auto = on where the hardware has native bf16
+    bf16: bool | Literal["auto"] = False  # auto = on where the hardware has native bf16 (CUDA, or AVX512-BF16/AMX CPUs)
     # batches of examples of similar label length (transformers' grouping, batches in random order): less padding
     # where lengths vary, e.g. synthetic clips of 1-4 sentences; in-memory training sets only
     group_by_length: bool = False
@@ -273,7 +273,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
 def build(cls: type, data: Any, path: str = "") -> Any:
     """Instantiate dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
-        raise AsrError(f"{path or 'recipe'}: expected a mapping with keys {', '.join(f.name for f in dataclasses.fields(cls))}")
+        keys = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise AsrError(f"{path or 'recipe'}: expected a mapping with keys {keys}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     for key in data:

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from asr.errors import AsrError
-from asr.train.engine import Dist
+from asr.train.engine import Dist, use_bf16
 
 ROOT = Path(__file__).resolve().parents[1] / "asr"
 # torch.distributed's collectives that take tensors (barrier and the *_object ones place their own)
@@ -41,6 +41,15 @@ def test_numbers_are_reduced_on_the_run_device(monkeypatch):
 
 def _dotted(node: ast.AST) -> str:
     return f"{_dotted(node.value)}.{node.attr}" if isinstance(node, ast.Attribute) else getattr(node, "id", "")
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not Path("/proc/cpuinfo").is_file(), reason="a CPU run on Linux")
+def test_bf16_auto_on_the_cpu_follows_the_cpus_own_bf16_flags():
+    """'auto' reads torch's private CPU probes; /proc/cpuinfo's flags say independently whether this CPU computes
+    bf16 natively (a CPU without them would emulate it, slower than fp32)."""
+    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    assert use_bf16("auto") == bool({"avx512_bf16", "amx_bf16"} & set(flags))
+    assert use_bf16(False) is False and use_bf16(True) is True
 
 
 def test_every_tensor_collective_goes_through_dist_all_reduce():

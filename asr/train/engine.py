@@ -73,9 +73,13 @@ def init_distributed(threads_per_proc: int | None = None) -> Dist:
 
 
 def use_bf16(setting: bool | str) -> bool:
-    """bf16 'auto' = on where the hardware has native bf16 (CUDA with bf16 support)."""
+    """bf16 'auto' = on where the hardware computes bf16 natively: a CUDA device that supports it, or, where torch
+    sees none, a CPU with AVX512-BF16 or AMX, where oneDNN's bf16 kernels ran the quickstart's encoder 1.6x and its
+    training steps about 1.7x faster than fp32 (README, *bf16 on the CPU*). Elsewhere bf16 is emulated: off."""
     if setting == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if torch.cuda.is_available():
+            return torch.cuda.is_bf16_supported()
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return bool(setting)
 
 
