@@ -98,14 +98,15 @@ def freeze_parts(student, train: TrainConfig):
     return student
 
 
-def deepspeed_config(train: TrainConfig, optim: OptimConfig) -> dict:
-    """The DeepSpeed JSON config a recipe implies; `train.deepspeed` is merged in last (it wins)."""
+def deepspeed_config(train: TrainConfig, optim: OptimConfig, bf16: bool) -> dict:
+    """The DeepSpeed JSON config a recipe implies, with bf16 as the ranks agreed it; `train.deepspeed` is merged in
+    last (it wins)."""
     config = {
         "train_micro_batch_size_per_gpu": train.batch_size,
         "gradient_accumulation_steps": train.grad_accum,
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": {"stage": train.zero_stage},
-        "bf16": {"enabled": use_bf16(train.bf16)},
+        "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,
         "zero_allow_untested_optimizer": True,
     }
@@ -119,7 +120,7 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def build_engine(student, train: TrainConfig, optim: OptimConfig):
+def build_engine(student, train: TrainConfig, optim: OptimConfig, bf16: bool):
     """Wrap the student in a DeepSpeed engine with torch AdamW (no op compilation) on trainable params only."""
     import deepspeed
 
@@ -127,7 +128,7 @@ def build_engine(student, train: TrainConfig, optim: OptimConfig):
     optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: turbo_lr_factor(step, optim.warmup_steps, train.max_steps, optim.schedule))
-    config = deepspeed_config(train, optim)
+    config = deepspeed_config(train, optim, bf16)
     engine, _, _, _ = deepspeed.initialize(model=student, model_parameters=params, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=config)
     return engine

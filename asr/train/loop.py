@@ -72,6 +72,7 @@ class Trainer:
         """Set-up in the order the data flows: ranks and seeds, models, data, engine, tracking, bench."""
         self.dist = init_distributed(self.recipe.train.threads_per_proc)
         self.seed_everything()
+        self.bf16 = self.agreed_bf16()
         student = self.load_models()
         self.stats = SkipStats()
         self.batches = self.load_data(student)
@@ -79,7 +80,7 @@ class Trainer:
         self.encoder_key: str | None = None  # the cached encoder states' key, which the teacher's states build on
         self.cache_encoder(student)
         self.cache_teacher()
-        self.engine = build_engine(student, self.recipe.train, self.recipe.optim)
+        self.engine = build_engine(student, self.recipe.train, self.recipe.optim, self.bf16)
         self.train_mode()
         self.ckpt_root = self.run_dir / "checkpoints"
         self.untimed = 0.0  # seconds spent checkpointing since the last logged step: not training time
@@ -95,6 +96,12 @@ class Trainer:
     def teacher_cache(self) -> bool:
         """KD from the teacher's cached targets instead of a live teacher."""
         return bool(self.recipe.objective.method == "kd" and self.recipe.objective.teacher_cache)
+
+    def agreed_bf16(self) -> bool:
+        """bf16 on every rank or on none: 'auto' reads each host's hardware, and ranks on hosts that differ (CPU
+        nodes with and without AVX512-BF16) would otherwise build engines of different dtypes."""
+        mine = use_bf16(self.recipe.train.bf16)
+        return bool(self.dist.all_reduce([float(mine)], op=dist.ReduceOp.MIN).item())
 
     @property
     def dtype(self) -> torch.dtype:
@@ -162,7 +169,6 @@ class Trainer:
         """The live teacher on the run's device and dtype, or the output projection that turns cached teacher
         states into logits."""
         r = self.recipe
-        self.bf16 = use_bf16(r.train.bf16)
         if self.teacher is not None:
             self.teacher.to(self.dist.device, self.dtype)
         self.teacher_out = None
