@@ -33,3 +33,22 @@ def test_paired_wer_reports_the_difference_and_its_interval(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "paired_wer.py"), str(a), str(other)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "hold different clips" in proc.stderr
+
+
+def test_bf16_encoder_times_three_precisions_and_their_error(micro_teacher, speech_folder, tmp_path):
+    out = tmp_path / "bf16.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bf16_encoder.py"), "--model", str(micro_teacher),
+                           "--data", str(speech_folder), "--clips", "3", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["clips"] == 3 and "| autocast |" in proc.stdout
+    assert all(0 < ms < 10_000 for ms in result["ms_per_clip"].values())
+    # bf16 keeps 8 bits of mantissa: its states move, but by about 2^-8 per value, nowhere near their own size
+    assert all(1e-4 < err < 0.05 for err in result["relative_l2"].values()), result["relative_l2"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metadata.csv").write_text("file_name,transcription\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bf16_encoder.py"), "--model", str(micro_teacher),
+                           "--data", str(empty)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "has metadata but no audio files" in proc.stderr

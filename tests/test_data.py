@@ -101,6 +101,9 @@ def test_non_utf8_bytes_transcript_is_skipped():
 def test_not_an_audiofolder_is_a_clear_error(tmp_path):
     with pytest.raises(AsrError, match="not an audiofolder"):
         open_dataset(DatasetRef.parse(str(tmp_path)))
+    (tmp_path / "metadata.csv").write_text("file_name,transcription\n")  # metadata, but no audio beside it
+    with pytest.raises(AsrError, match="has metadata but no audio files"):
+        open_dataset(DatasetRef.parse(str(tmp_path)))
 
 
 @pytest.mark.parametrize("model, language, expected", [

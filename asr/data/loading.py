@@ -118,6 +118,13 @@ def check_metadata_encoding(folder: Path) -> None:
                            "e.g. `iconv -f latin1 -t utf-8`") from None
 
 
+def audio_extensions() -> set[str]:
+    """The file suffixes `datasets`' audiofolder loads as audio (it fails deep inside on a folder with none)."""
+    from datasets.packaged_modules.audiofolder.audiofolder import AudioFolder
+
+    return set(AudioFolder.EXTENSIONS)
+
+
 def check_dataset(ref: DatasetRef) -> Path | None:
     """The audiofolder directory of `ref` (None for a hub dataset), checked so that a bad one fails before any work."""
     path = Path(ref.name).expanduser()
@@ -126,6 +133,9 @@ def check_dataset(ref: DatasetRef) -> Path | None:
             raise AsrError(f"{path}: not an audiofolder (no metadata.csv); build one with `asr data synth` "
                            "or add metadata.csv with file_name,transcription")
         check_metadata_encoding(path)
+        if not any(f.suffix.lower() in audio_extensions() for f in path.rglob("*") if f.is_file()):
+            raise AsrError(f"{path}: has metadata but no audio files; put the audio its file_name column names beside "
+                           "it, or rebuild the set with `asr data synth`")
         return path
     if ref.name.startswith(("/", ".", "~")):
         raise AsrError(f"{ref.name}: no such directory; pass an audiofolder directory or a hub dataset id")
