@@ -32,7 +32,10 @@ def plot_report(records: list[dict], history: list[dict], path: Path) -> None:
         if points:
             right.plot(*zip(*points), label=key)
     right.set(xlabel="step", ylabel="loss", yscale="log", title="training loss")
-    right.legend()
+    if right.lines:
+        right.legend()
+    else:  # a report rebuilt from benches alone (no metrics.jsonl): say so rather than draw empty axes silently
+        right.text(0.5, 0.5, "no training loss logged", ha="center", va="center", transform=right.transAxes)
     right.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
