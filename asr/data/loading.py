@@ -133,7 +133,8 @@ def check_dataset(ref: DatasetRef) -> Path | None:
             raise AsrError(f"{path}: not an audiofolder (no metadata.csv); build one with `asr data synth` "
                            "or add metadata.csv with file_name,transcription")
         check_metadata_encoding(path)
-        if not any(f.suffix.lower() in audio_extensions() for f in path.rglob("*") if f.is_file()):
+        extensions = audio_extensions()
+        if not any(f.suffix.lower() in extensions for f in path.rglob("*") if f.is_file()):
             raise AsrError(f"{path}: has metadata but no audio files; put the audio its file_name column names beside "
                            "it, or rebuild the set with `asr data synth`")
         return path
